@@ -1,0 +1,3 @@
+from .switchable_norm import SwitchableNorm, SyncSwitchableNorm
+
+__all__ = ['SwitchableNorm', 'SyncSwitchableNorm']

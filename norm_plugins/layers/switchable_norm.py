@@ -1,0 +1,204 @@
+"""Switchable Normalization (Luo et al., "Differentiable Learning-to-Normalize via Switchable
+Normalization") and its synchronized form.
+
+    y = weight * (x - sum_k r_k mu_k) / sqrt(sum_k r'_k var_k + eps) + bias,   k in normalizers
+
+``r = softmax(mean_weight)`` and ``r' = softmax(var_weight)`` mix instance (IN: per sample and
+channel), layer (LN: per sample) and batch (BN: per channel) statistics. In eval mode IN and LN come
+from the sample and BN from the running statistics. Works for (N, C, L), (N, C, H, W) and
+(N, C, D, H, W) inputs.
+"""
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.distributed import sync_group
+from ..ops.switchable_norm_fn import SwitchableNormFunction
+
+NORMALIZERS = ('in', 'ln', 'bn')
+
+
+class SwitchableNorm(nn.Module):
+    """Switchable Normalization, ``norm_cfg=dict(type='SN')``.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the mixed variance inside the square root.
+        momentum: running-statistics update factor, PyTorch convention
+            (``running = (1 - momentum) * running + momentum * batch``); ``None`` keeps a
+            cumulative average, as in BatchNorm. The authors trained their models with 0.003.
+        affine: learn a per-channel ``weight`` and ``bias``.
+        track_running_stats: keep running BN statistics for eval; otherwise eval uses the batch.
+        normalizers: non-empty subset of ('in', 'ln', 'bn'), stored in that canonical order
+            (the order of the mixture logits in checkpoints). Without 'bn' the layer has no running
+            statistics and does not depend on the batch (the authors' SN(8,1) models).
+        tied: one ratio vector for means and variances (SN_tied); only ``mean_weight`` exists.
+        zero_init: initialize ``weight`` to 0 (the authors' ``last_gamma``, for the last norm of
+            a residual branch).
+        unbiased_instance_var: divide the instance variance by L - 1 as the authors' released code
+            does (LN and BN variances derived from it); with one spatial position there is nothing
+            to correct and the biased value 0 is used, so 1x1 maps never give NaN.
+
+    The running variance stores the batch variance exactly as it was used in training (biased,
+    or derived from the unbiased instance variance), so eval normalizes like training did.
+    """
+    _abbr_ = 'sn'
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 normalizers: Sequence[str] = NORMALIZERS, tied: bool = False,
+                 zero_init: bool = False, unbiased_instance_var: bool = False):
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f'{name}: num_features must be a positive int, got {num_features!r}')
+        if not eps > 0:
+            raise ValueError(f'{name}: eps must be > 0 (it keeps 1/sqrt(var + eps) finite), got {eps}')
+        if momentum is not None and not 0 <= momentum <= 1:
+            raise ValueError(f'{name}: momentum must be in [0, 1] (PyTorch convention: weight of the '
+                             f'new batch) or None for a cumulative average, got {momentum}')
+        self.normalizers = _canonical_normalizers(name, normalizers)
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.tied = tied
+        self.zero_init = zero_init
+        self.unbiased_instance_var = unbiased_instance_var
+        self.track_running_stats = track_running_stats and 'bn' in self.normalizers
+
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features))
+            self.bias = nn.Parameter(torch.empty(num_features))
+        else:
+            self.register_parameter('weight', None)
+            self.register_parameter('bias', None)
+        num_ratios = len(self.normalizers)
+        self.mean_weight = nn.Parameter(torch.ones(num_ratios))
+        self.var_weight = None if tied else nn.Parameter(torch.ones(num_ratios))
+        if self.track_running_stats:
+            self.register_buffer('running_mean', torch.zeros(num_features))
+            self.register_buffer('running_var', torch.ones(num_features))
+            self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long))
+        else:
+            self.register_buffer('running_mean', None)
+            self.register_buffer('running_var', None)
+            self.register_buffer('num_batches_tracked', None)
+        self.register_buffer('_ratio_index', torch.tensor([NORMALIZERS.index(k) for k in self.normalizers]),
+                             persistent=False)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.constant_(self.weight, 0.0 if self.zero_init else 1.0)
+            nn.init.zeros_(self.bias)
+        nn.init.ones_(self.mean_weight)
+        if self.var_weight is not None:
+            nn.init.ones_(self.var_weight)
+
+    def _full_ratios(self, logits: Tensor) -> Tensor:
+        """Softmax over the used normalizers, laid out as (IN, LN, BN) with zeros for unused ones."""
+        ratios = F.softmax(logits, dim=0)
+        if len(self.normalizers) == len(NORMALIZERS):
+            return ratios
+        return ratios.new_zeros(len(NORMALIZERS)).index_copy(0, self._ratio_index, ratios)
+
+    def ratios(self) -> Dict[str, Dict[str, Tensor]]:
+        """The softmaxed importance ratios: ``{'mean': {'in': r, ...}, 'var': {...}}``."""
+        var_logits = self.mean_weight if self.tied else self.var_weight
+        with torch.no_grad():
+            mean = F.softmax(self.mean_weight, 0)
+            var = F.softmax(var_logits, 0)
+        return {'mean': dict(zip(self.normalizers, mean.unbind())),
+                'var': dict(zip(self.normalizers, var.unbind()))}
+
+    def _process_group(self):
+        """None: batch statistics of this process only (SyncSN overrides)."""
+        return None
+
+    def _check_input(self, x: Tensor) -> None:
+        name = type(self).__name__
+        if x.dim() not in (3, 4, 5):
+            raise ValueError(f'{name} expects an (N, C, L), (N, C, H, W) or (N, C, D, H, W) input, got '
+                             f'shape {tuple(x.shape)}; flatten extra dims or add a spatial dim.')
+        if x.shape[1] != self.num_features:
+            raise ValueError(f'{name} was built for {self.num_features} channels but the input has '
+                             f'{x.shape[1]} (shape {tuple(x.shape)}); set num_features to the '
+                             'channel count of the layer before it.')
+        if x[0, 0].numel() == 0:
+            raise ValueError(f'{name} got an input with no spatial positions, shape {tuple(x.shape)}')
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        uses_bn = 'bn' in self.normalizers
+        use_batch_stats = uses_bn and (self.training or not self.track_running_stats)
+        momentum = 0.0
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            momentum = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                        else self.momentum)
+        mean_ratio = self._full_ratios(self.mean_weight)
+        var_ratio = mean_ratio if self.tied else self._full_ratios(self.var_weight)
+        n, c = x.shape[:2]
+        y = SwitchableNormFunction.apply(
+            x.reshape(n, c, -1), self.weight, self.bias, mean_ratio, var_ratio,
+            self.running_mean, self.running_var, use_batch_stats, momentum, self.eps, self.unbiased_instance_var,
+            self._process_group() if use_batch_stats else None)
+        return y.view(x.shape)
+
+    def extra_repr(self) -> str:
+        return (f'{self.num_features}, normalizers={self.normalizers}, eps={self.eps}, '
+                f'momentum={self.momentum}, affine={self.affine}, tied={self.tied}, '
+                f'track_running_stats={self.track_running_stats}, '
+                f'unbiased_instance_var={self.unbiased_instance_var}')
+
+
+class SyncSwitchableNorm(SwitchableNorm):
+    """SN whose BN statistics are computed over the global batch, ``norm_cfg=dict(type='SyncSN')``.
+
+    Instance and layer statistics stay per sample. The batch moments are all-reduced as
+    per-channel sums and element counts, so ranks may hold different or zero batch sizes, and the
+    output equals SN on the concatenation of all ranks' batches; gradients flow back through the
+    reduction. Without an initialized process group (or with world size 1) it is exactly SN.
+
+    Args:
+        group_size: synchronize within groups of ``group_size`` consecutive ranks (the papers use
+            the 8 GPUs of a node); ``None`` synchronizes the whole world.
+        **kwargs: as :class:`SwitchableNorm`.
+    """
+
+    def __init__(self, num_features: int, group_size: Optional[int] = None, **kwargs):
+        if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(f'SyncSwitchableNorm: group_size must be a positive int or None (whole '
+                             f'world), got {group_size!r}')
+        super().__init__(num_features, **kwargs)
+        self.group_size = group_size
+
+    def _process_group(self):
+        return sync_group(self.group_size)
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, group_size={self.group_size}'
+
+
+def _canonical_normalizers(owner: str, normalizers: Sequence[str]) -> tuple:
+    if isinstance(normalizers, str):
+        normalizers = (normalizers,)
+    names = tuple(normalizers)
+    unknown = [k for k in names if k not in NORMALIZERS]
+    if unknown:
+        raise ValueError(f'{owner}: unknown normalizers {unknown}; choose from {NORMALIZERS}')
+    if not names:
+        raise ValueError(f'{owner}: normalizers is empty; give a non-empty subset of {NORMALIZERS}')
+    if len(set(names)) != len(names):
+        raise ValueError(f'{owner}: normalizers {names} repeats a name; list each at most once')
+    return tuple(k for k in NORMALIZERS if k in names)

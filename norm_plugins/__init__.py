@@ -3,13 +3,22 @@
 Importing the package registers every layer on mmengine's root registries, where mmcv's
 ``build_norm_layer``/``build_conv_layer`` and mmdet/mmseg scopes find them.
 """
-from mmengine.registry import MODELS
+from mmengine.registry import HOOKS, MODELS
 
-from .layers import SwitchableNorm, SyncSwitchableNorm
+from .hooks import BCNUpdateRateHook
+from .layers import (BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv1d, WSConv2d,
+                     WSConv3d)
 from .registry import register
 from .version import __version__
 
 register(MODELS, 'SN', SwitchableNorm)
 register(MODELS, 'SyncSN', SyncSwitchableNorm)
+register(MODELS, 'BCN', BatchChannelNorm)
+register(MODELS, 'WSConv', WSConv2d)
+register(MODELS, 'WSConv1d', WSConv1d)
+register(MODELS, 'WSConv2d', WSConv2d)
+register(MODELS, 'WSConv3d', WSConv3d)
+register(HOOKS, 'BCNUpdateRateHook', BCNUpdateRateHook)
 
-__all__ = ['SwitchableNorm', 'SyncSwitchableNorm', '__version__']
+__all__ = ['BatchChannelNorm', 'BCNUpdateRateHook', 'SwitchableNorm', 'SyncSwitchableNorm', 'WSConv1d',
+           'WSConv2d', 'WSConv3d', '__version__']

@@ -1,0 +1,3 @@
+from .bcn_update_rate_hook import BCNUpdateRateHook
+
+__all__ = ['BCNUpdateRateHook']

@@ -1,0 +1,348 @@
+"""Batch-Channel Normalization (Qiao et al., "Micro-Batch Training with Batch-Channel Normalization
+and Weight Standardization", Sec. 7, Eq. 40-43 and Algorithm 1).
+
+For x of shape (N, C, *spatial), per channel c, then per sample n and group g of C / G channels::
+
+    x' = weight_c * (x - mu_c) / sqrt(var_c + eps) + bias_c                          (Eq. 40)
+    y  = group_weight_g * (x' - mu_ng) / sqrt(var_ng + eps) + group_bias_g           (Eq. 42)
+
+``mu_ng``, ``var_ng`` are the (biased) moments of sample n over the channels of group g and all
+positions: a group normalization without affine followed by a per-group affine. ``mu_c``, ``var_c``
+are batch statistics, obtained in one of two ways:
+
+- ``estimate=False`` (large batch, Eq. 43, BCN = CN(BN(x))): the batch moments over (N, *spatial)
+  in training, running statistics (PyTorch momentum convention) in eval.
+- ``estimate=True`` (micro batch, Algorithm 1): buffers ``estimated_mean`` (starts at 0) and
+  ``estimated_var`` (starts at 1). Each training forward takes the batch mean ``m`` and the mean
+  squared distance ``s`` of x from the *previous* estimated mean over (N, *spatial), moves the
+  estimates toward them without gradients::
+
+      estimated_mean += r * (m - estimated_mean)
+      estimated_var  += r * (s - estimated_var)
+
+  and normalizes with the updated estimates, held constant for autograd. Eval normalizes with the
+  estimates and leaves them alone. The paper sets the update rate r to the learning rate of the
+  trainable parameters: :class:`~norm_plugins.hooks.BCNUpdateRateHook` does that under an mmengine
+  Runner; otherwise r is the ``update_rate`` buffer.
+"""
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.distributed import all_reduce_sum, all_reduce_sum_, sync_group
+
+
+class BatchChannelNorm(nn.Module):
+    """Batch-Channel Normalization, ``norm_cfg=dict(type='BCN')``.
+
+    Args:
+        num_features: number of channels C.
+        num_groups: number of channel groups G of the group normalization; must divide C.
+        eps: added to every variance inside the square root.
+        momentum: large-batch running-statistics factor, PyTorch convention
+            (``running = (1 - momentum) * running + momentum * batch``); ``None`` keeps a
+            cumulative average, as in BatchNorm. Unused with ``estimate=True``.
+        affine: learn the per-channel ``weight``/``bias`` (gamma_b, beta_b) and the per-group
+            ``group_weight``/``group_bias`` (gamma_c, beta_c).
+        track_running_stats: large batch only: keep running statistics for eval; otherwise eval
+            uses the batch statistics.
+        estimate: ``False`` for large-batch BCN, ``True`` for micro-batch BCN (Algorithm 1).
+        update_rate: initial r of Algorithm 1, in [0, 1]; 0.02 is mmdet's default SGD learning
+            rate. Stored as a persistent buffer (checkpoints keep it).
+        sync: synchronize batch statistics over ranks. With ``estimate=True`` the per-rank batch
+            moments are averaged (weighted by element count) before every update, so estimates stay
+            identical on all ranks; with ``estimate=False`` the batch statistics of the whole
+            synchronized batch are used, with gradients, like SyncBN/SyncSN. ``None`` (default) means
+            ``True`` for ``estimate=True`` and ``False`` otherwise. A no-op when not distributed.
+        group_size: synchronize within groups of ``group_size`` consecutive ranks; ``None`` means
+            the whole world.
+
+    State-dict entries: ``weight``, ``bias`` (C), ``group_weight``, ``group_bias`` (G); large batch
+    ``running_mean``, ``running_var``, ``num_batches_tracked``; micro batch ``estimated_mean``,
+    ``estimated_var``, ``update_rate``. Loading a large-batch state dict into a micro-batch BCN
+    takes its running statistics as the initial estimates (see :meth:`init_estimates_from`).
+    """
+    _abbr_ = 'bcn'
+
+    def __init__(self, num_features: int, num_groups: int = 32, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 estimate: bool = False, update_rate: float = 0.02, sync: Optional[bool] = None,
+                 group_size: Optional[int] = None):
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f'{name}: num_features must be a positive int, got {num_features!r}')
+        if not isinstance(num_groups, int) or num_groups <= 0:
+            raise ValueError(f'{name}: num_groups must be a positive int, got {num_groups!r}')
+        if num_features % num_groups:
+            raise ValueError(f'{name}: num_groups={num_groups} does not divide num_features={num_features}; '
+                             f'choose num_groups among the divisors of {num_features} '
+                             '(e.g. norm_cfg=dict(type=\'BCN\', num_groups=...)).')
+        if not eps > 0:
+            raise ValueError(f'{name}: eps must be > 0 (it keeps 1/sqrt(var + eps) finite), got {eps}')
+        if momentum is not None and not 0 <= momentum <= 1:
+            raise ValueError(f'{name}: momentum must be in [0, 1] (PyTorch convention: weight of the '
+                             f'new batch) or None for a cumulative average, got {momentum}')
+        if not isinstance(estimate, bool):
+            raise ValueError(f'{name}: estimate must be True (micro batch, Algorithm 1) or False '
+                             f'(large batch), got {estimate!r}')
+        if sync is not None and not isinstance(sync, bool):
+            raise ValueError(f'{name}: sync must be True, False or None (default per mode), got {sync!r}')
+        if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(f'{name}: group_size must be a positive int or None (whole world), '
+                             f'got {group_size!r}')
+        _check_update_rate(name, update_rate)
+        self.num_features = num_features
+        self.num_groups = num_groups
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.estimate = estimate
+        self.track_running_stats = track_running_stats and not estimate
+        self.sync = estimate if sync is None else sync
+        self.group_size = group_size
+        # Whether r == 0 has been checked since r was last set: the check reads r back from the
+        # device, which is done once rather than at every forward.
+        self._rate_checked = False
+
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features))
+            self.bias = nn.Parameter(torch.empty(num_features))
+            self.group_weight = nn.Parameter(torch.empty(num_groups))
+            self.group_bias = nn.Parameter(torch.empty(num_groups))
+        else:
+            for param in ('weight', 'bias', 'group_weight', 'group_bias'):
+                self.register_parameter(param, None)
+        if estimate:
+            self.register_buffer('estimated_mean', torch.zeros(num_features))
+            self.register_buffer('estimated_var', torch.ones(num_features))
+            self.register_buffer('update_rate', torch.tensor(float(update_rate)))
+        if self.track_running_stats:
+            self.register_buffer('running_mean', torch.zeros(num_features))
+            self.register_buffer('running_var', torch.ones(num_features))
+            self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long))
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.estimate:
+            self.estimated_mean.zero_()
+            self.estimated_var.fill_(1)
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            for param in (self.weight, self.group_weight):
+                nn.init.ones_(param)
+            for param in (self.bias, self.group_bias):
+                nn.init.zeros_(param)
+
+    def set_update_rate(self, rate: float) -> None:
+        """Set r of Algorithm 1 (what :class:`BCNUpdateRateHook` calls every iteration)."""
+        if not self.estimate:
+            raise RuntimeError(f'{type(self).__name__}: only estimate=True (micro batch) has an update '
+                               'rate; large-batch BCN uses momentum.')
+        _check_update_rate(type(self).__name__, rate)
+        self.update_rate.fill_(float(rate))
+        if rate == 0:
+            self._rate_checked = False
+
+    @torch.no_grad()
+    def init_estimates_from(self, source: nn.Module) -> None:
+        """Start the micro-batch estimates from ``source``'s running statistics.
+
+        ``source`` is a BatchNorm or a large-batch BCN with running statistics, e.g. the layer of a
+        large-batch checkpoint being finetuned with micro batches (loading such a state dict does
+        this by itself).
+        """
+        name = type(self).__name__
+        if not self.estimate:
+            raise RuntimeError(f'{name}: init_estimates_from needs estimate=True; a large-batch BCN '
+                               'keeps running statistics instead, load them with load_state_dict.')
+        mean = getattr(source, 'running_mean', None)
+        var = getattr(source, 'running_var', None)
+        if mean is None or var is None:
+            raise ValueError(f'{name}: {type(source).__name__} has no running statistics; pass a '
+                             'BatchNorm or a large-batch BCN built with track_running_stats=True.')
+        if mean.shape != self.estimated_mean.shape:
+            raise ValueError(f'{name}: {type(source).__name__} has {mean.numel()} channels, this layer '
+                             f'{self.num_features}.')
+        self.estimated_mean.copy_(mean)
+        self.estimated_var.copy_(var)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if self.estimate and prefix + 'estimated_mean' not in state_dict \
+                and prefix + 'running_mean' in state_dict:
+            # A large-batch checkpoint finetuned in micro-batch mode: its running statistics are the
+            # best available estimates; r stays as constructed.
+            state_dict[prefix + 'estimated_mean'] = state_dict.pop(prefix + 'running_mean')
+            state_dict[prefix + 'estimated_var'] = state_dict.pop(prefix + 'running_var')
+            state_dict.pop(prefix + 'num_batches_tracked', None)
+            state_dict.setdefault(prefix + 'update_rate', self.update_rate.clone())
+        self._rate_checked = False
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _process_group(self):
+        return sync_group(self.group_size) if self.sync else None
+
+    def _check_input(self, x: Tensor) -> None:
+        name = type(self).__name__
+        if x.dim() not in (3, 4, 5):
+            raise ValueError(f'{name} expects an (N, C, L), (N, C, H, W) or (N, C, D, H, W) input, got '
+                             f'shape {tuple(x.shape)}; flatten extra dims or add a spatial dim.')
+        if x.shape[1] != self.num_features:
+            raise ValueError(f'{name} was built for {self.num_features} channels but the input has '
+                             f'{x.shape[1]} (shape {tuple(x.shape)}); set num_features to the '
+                             'channel count of the layer before it.')
+        if any(s == 0 for s in x.shape[2:]):
+            raise ValueError(f'{name} got an input with no spatial positions, shape {tuple(x.shape)}')
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        low_precision = x.dtype in (torch.float16, torch.bfloat16)
+        # Statistics in float32 under AMP: the variances of low-precision activations lose too much.
+        with torch.autocast(x.device.type, enabled=False):
+            xs = x.float() if low_precision else x
+            xs = self._batch_standardize(xs)
+            group_weight = group_bias = None
+            if self.affine:
+                per_group = self.num_features // self.num_groups
+                group_weight = self.group_weight.to(xs.dtype).repeat_interleave(per_group)
+                group_bias = self.group_bias.to(xs.dtype).repeat_interleave(per_group)
+            y = F.group_norm(xs, self.num_groups, group_weight, group_bias, self.eps)
+        return y.to(x.dtype) if low_precision else y
+
+    def _channel_affine(self, dtype: torch.dtype):
+        if not self.affine:
+            return None, None
+        return self.weight.to(dtype), self.bias.to(dtype)
+
+    def _batch_standardize(self, x: Tensor) -> Tensor:
+        """Eq. 40: per-channel standardization with the batch statistics, then the channel affine."""
+        weight, bias = self._channel_affine(x.dtype)
+        if self.estimate:
+            if self.training:
+                self._update_estimates(x)
+            # Copies: the estimates are constants of this graph, and a later forward of the same
+            # layer (shared heads) updates them in place before this graph's backward.
+            mean = self.estimated_mean.to(x.dtype, copy=True)
+            var = self.estimated_var.to(x.dtype, copy=True)
+            return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
+
+        if not self.training and self.track_running_stats:
+            return F.batch_norm(x, self.running_mean.to(x.dtype), self.running_var.to(x.dtype), weight,
+                                bias, False, 0.0, self.eps)
+        group = self._process_group()
+        if group is None and x.numel() // x.shape[1] <= 1:
+            raise ValueError(f'{type(self).__name__}(estimate=False) needs more than one value per '
+                             f'channel to compute batch statistics, got input shape {tuple(x.shape)}; '
+                             'use estimate=True (micro-batch BCN) for batches this small.')
+        factor = 0.0
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        if group is not None:
+            return self._synced_batch_standardize(x, weight, bias, factor, group)
+        if not self.track_running_stats or self.running_mean.dtype == x.dtype:
+            running_mean = self.running_mean if self.track_running_stats else None
+            running_var = self.running_var if self.track_running_stats else None
+            return F.batch_norm(x, running_mean, running_var, weight, bias, True, factor, self.eps)
+        # Buffers of another dtype (a half model under float32 statistics): update copies.
+        running_mean, running_var = self.running_mean.to(x.dtype), self.running_var.to(x.dtype)
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, True, factor, self.eps)
+        self.running_mean.copy_(running_mean)
+        self.running_var.copy_(running_var)
+        return y
+
+    def _synced_batch_standardize(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                                  factor: float, group) -> Tensor:
+        """Batch standardization over the concatenated batch of ``group``'s ranks, with gradients.
+
+        Each rank contributes per-channel count, sum and sum of squares (float64, from one-pass local
+        moments); the differentiable all-reduce sums the ranks' gradients in backward.
+        """
+        channels = x.shape[1]
+        count, sums = _local_sums(x)
+        sums = all_reduce_sum(sums, group)
+        total = float(sums[-1])
+        if total <= 1:
+            raise ValueError(f'{type(self).__name__}(estimate=False, sync=True) needs more than one '
+                             f'value per channel over all ranks, got {int(total)}; use estimate=True '
+                             '(micro-batch BCN) for batches this small.')
+        mean = sums[:channels] / total
+        var = (sums[channels:2 * channels] / total - mean * mean).clamp(min=0)
+        if self.track_running_stats and self.training:
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                unbiased = var * (total / (total - 1))
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        scale = (var + self.eps).rsqrt()
+        if weight is not None:
+            scale = scale * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
+
+    @torch.no_grad()
+    def _update_estimates(self, x: Tensor) -> None:
+        """Steps 1-4 of Algorithm 1, with the moments averaged over the synchronized ranks."""
+        if not self._rate_checked:
+            self._rate_checked = True
+            if float(self.update_rate) == 0:
+                warnings.warn(f'{type(self).__name__}(estimate=True) is training with update_rate 0: its '
+                              'estimated mean and variance never move. Set update_rate, or add '
+                              "custom_hooks=[dict(type='BCNUpdateRateHook')] to follow the learning rate.")
+        channels = x.shape[1]
+        count, sums = _local_sums(x, centre=self.estimated_mean)
+        group = self._process_group()
+        if group is not None:
+            all_reduce_sum_(sums, group)
+        total = float(sums[-1]) if group is not None else count
+        if total == 0:
+            return
+        mean = sums[:channels] / total
+        sq_distance = sums[channels:2 * channels] / total
+        self.estimated_mean.lerp_(mean.to(self.estimated_mean.dtype), self.update_rate)
+        self.estimated_var.lerp_(sq_distance.to(self.estimated_var.dtype), self.update_rate)
+
+    def extra_repr(self) -> str:
+        text = (f'{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, '
+                f'affine={self.affine}, estimate={self.estimate}, sync={self.sync}')
+        if self.estimate:
+            return f'{text}, update_rate={float(self.update_rate):g}, group_size={self.group_size}'
+        return (f'{text}, momentum={self.momentum}, track_running_stats={self.track_running_stats}, '
+                f'group_size={self.group_size}')
+
+
+def _local_sums(x: Tensor, centre: Optional[Tensor] = None):
+    """Per-channel element count, sum and sum of squared distances from ``centre`` (0 if None).
+
+    Returned as one float64 vector ``[sum (C), sum of squares (C), count (1)]`` ready for an
+    all-reduce, built from one-pass local moments, so E[x^2] - E[x]^2 keeps float32 accuracy.
+    With an empty batch the sums are zeros that stay attached to ``x``'s graph, so this rank still
+    joins the backward all-reduce of the synchronized layer.
+    """
+    dims = [0] + list(range(2, x.dim()))
+    count = x.numel() // x.shape[1]
+    if count:
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+    else:
+        var = mean = x.sum(dims)
+    mean, var = mean.double(), var.double()
+    offset = mean if centre is None else mean - centre.double()
+    return count, torch.cat([mean * count, (var + offset * offset) * count,
+                             mean.new_full((1,), float(count))])
+
+
+def _check_update_rate(owner: str, rate) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+        raise ValueError(f'{owner}: update_rate must be a number in [0, 1] (the paper uses the learning '
+                         f'rate), got {rate!r}')

@@ -8,6 +8,7 @@ channel), layer (LN: per sample) and batch (BN: per channel) statistics. In eval
 from the sample and BN from the running statistics. Works for (N, C, L), (N, C, H, W) and
 (N, C, D, H, W) inputs.
 """
+import math
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -125,6 +126,10 @@ class SwitchableNorm(nn.Module):
         """None: batch statistics of this process only (SyncSN overrides)."""
         return None
 
+    @staticmethod
+    def _spatial_size(x: Tensor) -> int:
+        return math.prod(x.shape[2:])
+
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__
         if x.dim() not in (3, 4, 5):
@@ -134,7 +139,7 @@ class SwitchableNorm(nn.Module):
             raise ValueError(f'{name} was built for {self.num_features} channels but the input has '
                              f'{x.shape[1]} (shape {tuple(x.shape)}); set num_features to the '
                              'channel count of the layer before it.')
-        if x[0, 0].numel() == 0:
+        if self._spatial_size(x) == 0:
             raise ValueError(f'{name} got an input with no spatial positions, shape {tuple(x.shape)}')
 
     def forward(self, x: Tensor) -> Tensor:
@@ -150,7 +155,7 @@ class SwitchableNorm(nn.Module):
         var_ratio = mean_ratio if self.tied else self._full_ratios(self.var_weight)
         n, c = x.shape[:2]
         y = SwitchableNormFunction.apply(
-            x.reshape(n, c, -1), self.weight, self.bias, mean_ratio, var_ratio,
+            x.reshape(n, c, self._spatial_size(x)), self.weight, self.bias, mean_ratio, var_ratio,
             self.running_mean, self.running_var, use_batch_stats, momentum, self.eps, self.unbiased_instance_var,
             self._process_group() if use_batch_stats else None)
         return y.view(x.shape)

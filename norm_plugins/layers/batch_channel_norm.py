@@ -217,7 +217,9 @@ class BatchChannelNorm(nn.Module):
                 per_group = self.num_features // self.num_groups
                 group_weight = self.group_weight.to(xs.dtype).repeat_interleave(per_group)
                 group_bias = self.group_bias.to(xs.dtype).repeat_interleave(per_group)
-            y = F.group_norm(xs, self.num_groups, group_weight, group_bias, self.eps)
+            # torch.group_norm rather than F.group_norm: a group holding a single value (C == G on a
+            # 1x1 map) is normalized to 0 (output group_bias) instead of raising.
+            y = torch.group_norm(xs, self.num_groups, group_weight, group_bias, self.eps)
         return y.to(x.dtype) if low_precision else y
 
     def _channel_affine(self, dtype: torch.dtype):

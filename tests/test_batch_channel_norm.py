@@ -1,0 +1,380 @@
+"""BCN against plain float64 formulas (Eq. 40-42, Algorithm 1), gradcheck, state, errors, gloo runs."""
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from norm_plugins import BatchChannelNorm
+from norm_plugins.testing import run_distributed
+
+EPS = 1e-5
+
+
+def reference_bcn(x, mean, var, weight, bias, group_weight, group_bias, groups, eps=EPS):
+    """Eq. 40 then Eq. 42, written out per channel and per (sample, group) with plain float64 ops."""
+    n, c = x.shape[:2]
+    per_group = c // groups
+    out = torch.empty_like(x, dtype=torch.float64)
+    for ch in range(c):
+        out[:, ch] = (x[:, ch].double() - mean[ch]) / torch.sqrt(var[ch] + eps) * weight[ch] + bias[ch]
+    y = torch.empty_like(out)
+    for s in range(n):
+        for g in range(groups):
+            block = out[s, g * per_group:(g + 1) * per_group]
+            mu = block.sum() / block.numel()
+            sigma2 = ((block - mu) ** 2).sum() / block.numel()
+            y[s, g * per_group:(g + 1) * per_group] = ((block - mu) / torch.sqrt(sigma2 + eps) * group_weight[g]
+                                                       + group_bias[g])
+    return y
+
+
+def batch_moments(x):
+    """Per-channel mean and biased variance over (N, *spatial), float64."""
+    flat = x.double().transpose(0, 1).reshape(x.shape[1], -1)
+    mean = flat.sum(1) / flat.shape[1]
+    return mean, ((flat - mean[:, None]) ** 2).sum(1) / flat.shape[1]
+
+
+def randomize_affine(layer, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for scale in (layer.weight, layer.group_weight):
+            scale.copy_(1 + 0.5 * torch.randn(scale.shape, generator=gen, dtype=torch.float64))
+        for shift in (layer.bias, layer.group_bias):
+            shift.copy_(0.5 * torch.randn(shift.shape, generator=gen, dtype=torch.float64))
+
+
+def affine_of(layer):
+    return (layer.weight.detach().double(), layer.bias.detach().double(), layer.group_weight.detach().double(),
+            layer.group_bias.detach().double())
+
+
+@pytest.mark.parametrize('shape', [(4, 8, 5), (3, 8, 4, 5), (2, 8, 3, 2, 3)])
+def test_large_batch_matches_reference_in_train_and_eval(shape):
+    torch.manual_seed(0)
+    layer = BatchChannelNorm(8, num_groups=4, momentum=0.3).double()
+    randomize_affine(layer)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    mean, var = batch_moments(x)
+    y = layer(x)
+    torch.testing.assert_close(y, reference_bcn(x, mean, var, *affine_of(layer), 4))
+    count = x.numel() // 8
+    torch.testing.assert_close(layer.running_mean, 0.3 * mean)
+    torch.testing.assert_close(layer.running_var, 0.7 + 0.3 * var * count / (count - 1))
+
+    layer.eval()
+    x2 = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(layer(x2), reference_bcn(x2, layer.running_mean, layer.running_var,
+                                                        *affine_of(layer), 4))
+
+
+def test_large_batch_cumulative_momentum_and_no_running_stats():
+    torch.manual_seed(0)
+    layer = BatchChannelNorm(4, num_groups=2, momentum=None).double()
+    xs = [torch.randn(3, 4, 5, dtype=torch.float64) + i for i in range(3)]
+    for x in xs:
+        layer(x)
+    unbiased = [batch_moments(x)[1] * 15 / 14 for x in xs]
+    torch.testing.assert_close(layer.running_mean, sum(batch_moments(x)[0] for x in xs) / 3)
+    torch.testing.assert_close(layer.running_var, sum(unbiased) / 3)
+    assert int(layer.num_batches_tracked) == 3
+
+    untracked = BatchChannelNorm(4, num_groups=2, track_running_stats=False).double().eval()
+    x = xs[0]
+    torch.testing.assert_close(untracked(x), reference_bcn(x, *batch_moments(x), *affine_of(untracked), 2))
+    assert 'running_mean' not in untracked.state_dict()
+
+
+def reference_algorithm1(batches, rate, channels):
+    """Algorithm 1, steps 1-4, in float64: returns the estimates after every step."""
+    est_mean = torch.zeros(channels, dtype=torch.float64)
+    est_var = torch.ones(channels, dtype=torch.float64)
+    history = []
+    for x in batches:
+        flat = x.double().transpose(0, 1).reshape(channels, -1)
+        batch_mean = flat.mean(1)
+        sq_distance = ((flat - est_mean[:, None]) ** 2).mean(1)  # from the *previous* estimate
+        est_mean = est_mean + rate * (batch_mean - est_mean)
+        est_var = est_var + rate * (sq_distance - est_var)
+        history.append((est_mean.clone(), est_var.clone()))
+    return history
+
+
+def test_micro_batch_matches_reference_over_steps_with_gradients():
+    torch.manual_seed(0)
+    layer = BatchChannelNorm(8, num_groups=2, estimate=True, update_rate=0.1).double()
+    randomize_affine(layer, seed=1)
+    batches = [torch.randn(n, 8, 3, 4, dtype=torch.float64) * 3 + 2 for n in (2, 1, 3, 1)]
+    expected = reference_algorithm1(batches, 0.1, 8)
+    for x, (est_mean, est_var) in zip(batches, expected):
+        x = x.requires_grad_()
+        grad_out = torch.randn_like(x)
+        layer.zero_grad()
+        y = layer(x)
+        torch.testing.assert_close(layer.estimated_mean, est_mean)
+        torch.testing.assert_close(layer.estimated_var, est_var)
+        # The updated estimates normalize this step, and are constants for the gradient.
+        params = [p.detach().clone().requires_grad_() for p in affine_of(layer)]
+        x_ref = x.detach().clone().requires_grad_()
+        y_ref = reference_bcn(x_ref, est_mean, est_var, *params, 2)
+        torch.testing.assert_close(y, y_ref)
+        (y * grad_out).sum().backward()
+        (y_ref * grad_out).sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        for p, p_ref in zip((layer.weight, layer.bias, layer.group_weight, layer.group_bias), params):
+            torch.testing.assert_close(p.grad, p_ref.grad)
+
+
+def test_algorithm1_hand_computed_sequence():
+    layer = BatchChannelNorm(2, num_groups=1, estimate=True, update_rate=0.5)
+    # Channel 0 sees 2, then 4, then {0, 2}; channel 1 stays at 0.
+    steps = [torch.tensor([[[2.0, 2.0]], [[2.0, 2.0]]]), torch.tensor([[[4.0, 4.0]], [[4.0, 4.0]]]),
+             torch.tensor([[[0.0, 2.0]], [[2.0, 0.0]]])]
+    # m = batch mean, s = mean (x - previous estimate)^2, new = old + 0.5 (batch - old):
+    #   step 1: m 2, s (2-0)^2 = 4            -> mean 1,   var 1 + 0.5 (4 - 1) = 2.5
+    #   step 2: m 4, s (4-1)^2 = 9            -> mean 2.5, var 2.5 + 0.5 (9 - 2.5) = 5.75
+    #   step 3: m 1, s (6.25 + 0.25) / 2 = 3.25 -> mean 1.75, var 5.75 + 0.5 (3.25 - 5.75) = 4.5
+    # Channel 1 (all zeros): mean stays 0, var 1 -> 0.5 -> 0.25 -> 0.125.
+    expected = [((1.0, 0.0), (2.5, 0.5)), ((2.5, 0.0), (5.75, 0.25)), ((1.75, 0.0), (4.5, 0.125))]
+    for ch0, (mean, var) in zip(steps, expected):
+        x = torch.cat([ch0, torch.zeros_like(ch0)], dim=1)
+        layer(x)
+        torch.testing.assert_close(layer.estimated_mean, torch.tensor(mean))
+        torch.testing.assert_close(layer.estimated_var, torch.tensor(var))
+
+
+def test_micro_batch_eval_uses_estimates_without_updating():
+    torch.manual_seed(0)
+    layer = BatchChannelNorm(4, num_groups=2, estimate=True, update_rate=0.3).double()
+    randomize_affine(layer)
+    layer(torch.randn(2, 4, 3, 3, dtype=torch.float64) + 1)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.eval()
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64) * 5
+    y = layer(x)
+    for k, v in layer.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+    torch.testing.assert_close(y, reference_bcn(x, layer.estimated_mean, layer.estimated_var, *affine_of(layer), 2))
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    large = BatchChannelNorm(4, num_groups=2).double()
+    randomize_affine(large)
+    params = (large.weight, large.bias, large.group_weight, large.group_bias)
+    assert torch.autograd.gradcheck(lambda x, *p: large(x), (x,) + params)
+
+    micro = BatchChannelNorm(4, num_groups=2, estimate=True, update_rate=0.5).double()
+    randomize_affine(micro)
+    micro(x.detach() * 2 + 1)  # move the estimates away from (0, 1)
+    micro.set_update_rate(0)  # training step whose estimates stay put, so the function is fixed
+    params = (micro.weight, micro.bias, micro.group_weight, micro.group_bias)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        assert torch.autograd.gradcheck(lambda x, *p: micro(x), (x,) + params)
+    micro.eval()
+    assert torch.autograd.gradcheck(lambda x, *p: micro(x), (x,) + params)
+
+
+def test_zero_update_rate_warns_once():
+    layer = BatchChannelNorm(4, num_groups=2, estimate=True, update_rate=0.0)
+    x = torch.randn(2, 4, 3)
+    with pytest.warns(UserWarning, match='update_rate 0') as record:
+        layer(x)
+        layer(x)
+    assert len([w for w in record if 'update_rate 0' in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        BatchChannelNorm(4, num_groups=2, estimate=True, update_rate=0.01)(x)
+        layer.eval()
+        layer(x)  # eval never updates: nothing to warn about
+
+
+def test_state_dict_round_trip_keeps_estimates_and_rate():
+    torch.manual_seed(0)
+    layer = BatchChannelNorm(4, num_groups=2, estimate=True, update_rate=0.25)
+    randomize_affine(layer)
+    for _ in range(3):
+        layer(torch.randn(2, 4, 3, 3) * 2 + 1)
+    state = layer.state_dict()
+    assert set(state) == {'weight', 'bias', 'group_weight', 'group_bias', 'estimated_mean', 'estimated_var',
+                          'update_rate'}
+    restored = BatchChannelNorm(4, num_groups=2, estimate=True, update_rate=0.9)
+    restored.load_state_dict(state)
+    assert float(restored.update_rate) == 0.25
+    for k, v in layer.state_dict().items():
+        torch.testing.assert_close(restored.state_dict()[k], v, rtol=0, atol=0)
+    x = torch.randn(1, 4, 3, 3)
+    torch.testing.assert_close(restored(x), layer(x))  # next training step identical too
+    torch.testing.assert_close(restored.estimated_var, layer.estimated_var)
+
+    large = BatchChannelNorm(4, num_groups=2)
+    large(torch.randn(3, 4, 5) * 3 + 2)
+    assert set(large.state_dict()) == {'weight', 'bias', 'group_weight', 'group_bias', 'running_mean',
+                                       'running_var', 'num_batches_tracked'}
+
+
+def test_estimates_from_large_batch_statistics():
+    torch.manual_seed(0)
+    large = BatchChannelNorm(4, num_groups=2)
+    randomize_affine(large)
+    for _ in range(2):
+        large(torch.randn(3, 4, 5) * 3 + 2)
+    micro = BatchChannelNorm(4, num_groups=2, estimate=True, update_rate=0.1)
+    micro.load_state_dict(large.state_dict())  # strict: running statistics become the estimates
+    torch.testing.assert_close(micro.estimated_mean, large.running_mean)
+    torch.testing.assert_close(micro.estimated_var, large.running_var)
+    assert float(micro.update_rate) == pytest.approx(0.1)
+    large.eval()
+    micro.eval()
+    x = torch.randn(2, 4, 5)
+    torch.testing.assert_close(micro(x), large(x))
+
+    bn = nn.BatchNorm1d(4)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    fresh = BatchChannelNorm(4, num_groups=2, estimate=True)
+    fresh.init_estimates_from(bn)
+    torch.testing.assert_close(fresh.estimated_mean, bn.running_mean)
+    torch.testing.assert_close(fresh.estimated_var, bn.running_var)
+    with pytest.raises(ValueError, match='no running statistics'):
+        fresh.init_estimates_from(nn.BatchNorm1d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match='channels'):
+        fresh.init_estimates_from(nn.BatchNorm1d(6))
+    with pytest.raises(RuntimeError, match='estimate=True'):
+        large.init_estimates_from(bn)
+
+
+def test_one_by_one_maps_are_finite():
+    x = torch.randn(1, 8, 1, 1, requires_grad=True)
+    micro = BatchChannelNorm(8, num_groups=8, estimate=True)
+    with torch.no_grad():
+        micro.group_bias.copy_(torch.arange(8.0))
+    y = micro(x)
+    (y * torch.randn_like(y)).sum().backward()
+    # One value per group: the group normalization maps it to 0, leaving the group bias.
+    torch.testing.assert_close(y, torch.arange(8.0).view(1, 8, 1, 1).detach())
+    assert torch.isfinite(x.grad).all()
+    large = BatchChannelNorm(8, num_groups=4)
+    x2 = torch.randn(2, 8, 1, 1, requires_grad=True)
+    y2 = large(x2)
+    (y2 * torch.randn_like(y2)).sum().backward()
+    assert torch.isfinite(y2).all() and torch.isfinite(x2.grad).all()
+    with pytest.raises(ValueError, match='more than one value per channel'):
+        large(torch.randn(1, 8, 1, 1))
+    large.eval()
+    assert torch.isfinite(large(torch.randn(1, 8, 1, 1))).all()
+
+
+def test_autocast_keeps_float32_statistics():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 4, 4) * 4 + 3
+    for estimate in (False, True):
+        ref = BatchChannelNorm(8, num_groups=4, estimate=estimate, update_rate=0.5)
+        amp = BatchChannelNorm(8, num_groups=4, estimate=estimate, update_rate=0.5)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y = amp(x.bfloat16())
+        assert y.dtype == torch.bfloat16
+        buffers = ('estimated_mean', 'estimated_var') if estimate else ('running_mean', 'running_var')
+        expected = ref(x.bfloat16().float())
+        for name in buffers:
+            assert getattr(amp, name).dtype == torch.float32
+            torch.testing.assert_close(getattr(amp, name), getattr(ref, name))
+        torch.testing.assert_close(y.float(), expected, atol=0.05, rtol=0.02)
+
+
+def test_layer_shared_within_one_forward():
+    """A head shared across feature levels runs the layer twice before backward."""
+    layer = BatchChannelNorm(4, num_groups=2, estimate=True, update_rate=0.5)
+    a, b = torch.randn(1, 4, 3, requires_grad=True), torch.randn(1, 4, 5, requires_grad=True)
+    (layer(a).square().sum() + layer(b).square().sum()).backward()
+    assert a.grad is not None and torch.isfinite(b.grad).all()
+
+
+def test_bad_configs_and_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match='does not divide num_features=24'):
+        BatchChannelNorm(24)
+    with pytest.raises(ValueError, match=r'update_rate must be a number in \[0, 1\]'):
+        BatchChannelNorm(32, estimate=True, update_rate=1.5)
+    with pytest.raises(ValueError, match=r'update_rate must be a number in \[0, 1\]'):
+        BatchChannelNorm(32, estimate=True, update_rate=-0.1)
+    with pytest.raises(ValueError, match=r'update_rate must be a number in \[0, 1\]'):
+        BatchChannelNorm(32, estimate=True).set_update_rate(2.0)
+    with pytest.raises(RuntimeError, match='only estimate=True'):
+        BatchChannelNorm(32).set_update_rate(0.1)
+    with pytest.raises(TypeError, match='unexpected keyword'):
+        BatchChannelNorm(32, num_group=8)
+    with pytest.raises(ValueError, match='estimate must be True'):
+        BatchChannelNorm(32, estimate='micro')
+    with pytest.raises(ValueError, match='sync must be'):
+        BatchChannelNorm(32, sync='yes')
+    with pytest.raises(ValueError, match='momentum'):
+        BatchChannelNorm(32, momentum=2)
+    with pytest.raises(ValueError, match='eps must be > 0'):
+        BatchChannelNorm(32, eps=0)
+    with pytest.raises(ValueError, match='group_size'):
+        BatchChannelNorm(32, group_size=0)
+    layer = BatchChannelNorm(8, num_groups=4)
+    with pytest.raises(ValueError, match=r'expects an \(N, C, L\)'):
+        layer(torch.randn(2, 8))
+    with pytest.raises(ValueError, match='built for 8 channels but the input has 6'):
+        layer(torch.randn(2, 6, 3))
+
+
+# --------------------------------------------------------------------------- distributed (gloo)
+
+def _distributed_worker(rank, world_size, sizes, out_dir):
+    torch.manual_seed(0)
+    total = sum(sizes)
+    data = torch.randn(total, 8, 3, 2, dtype=torch.float64) * 2 + 1
+    grad_out = torch.randn_like(data)
+    start = sum(sizes[:rank])
+    local = slice(start, start + sizes[rank])
+    result = {}
+
+    micro = BatchChannelNorm(8, num_groups=4, estimate=True, update_rate=0.2).double()
+    for step in range(3):
+        micro(data[local] * (step + 1))
+    result['estimates'] = (micro.estimated_mean.clone(), micro.estimated_var.clone())
+
+    large = BatchChannelNorm(8, num_groups=4, sync=True).double()
+    randomize_affine(large)
+    x = data[local].clone().requires_grad_()
+    y = large(x)
+    (y * grad_out[local]).sum().backward()
+    result['large'] = (y.detach(), x.grad, [p.grad for p in large.parameters()], large.running_mean.clone(),
+                       large.running_var.clone())
+    torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sizes', [(1, 3), (2, 0, 3)])
+def test_distributed_estimates_identical_and_sync_matches_concatenated_batch(sizes, tmp_path):
+    run_distributed(_distributed_worker, len(sizes), sizes, str(tmp_path))
+    results = [torch.load(tmp_path / f'rank{r}.pt') for r in range(len(sizes))]
+
+    torch.manual_seed(0)
+    data = torch.randn(sum(sizes), 8, 3, 2, dtype=torch.float64) * 2 + 1
+    grad_out = torch.randn_like(data)
+    steps = reference_algorithm1([data * (s + 1) for s in range(3)], 0.2, 8)
+    for res in results:
+        torch.testing.assert_close(res['estimates'][0], steps[-1][0])
+        torch.testing.assert_close(res['estimates'][1], steps[-1][1])
+        torch.testing.assert_close(res['estimates'][0], results[0]['estimates'][0], rtol=0, atol=0)
+        torch.testing.assert_close(res['estimates'][1], results[0]['estimates'][1], rtol=0, atol=0)
+
+    single = BatchChannelNorm(8, num_groups=4).double()
+    randomize_affine(single)
+    x = data.clone().requires_grad_()
+    y = single(x)
+    (y * grad_out).sum().backward()
+    torch.testing.assert_close(torch.cat([r['large'][0] for r in results]), y.detach())
+    torch.testing.assert_close(torch.cat([r['large'][1] for r in results]), x.grad)
+    for i, p in enumerate(single.parameters()):
+        torch.testing.assert_close(sum(r['large'][2][i] for r in results), p.grad)
+    for res in results:
+        torch.testing.assert_close(res['large'][3], single.running_mean)
+        torch.testing.assert_close(res['large'][4], single.running_var)

@@ -8,6 +8,7 @@ from mmengine.registry import HOOKS, MODELS
 from .hooks import BCNUpdateRateHook
 from .layers import (BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv1d, WSConv2d,
                      WSConv3d)
+from .pretrained import register_scheme
 from .registry import register
 from .version import __version__
 
@@ -19,6 +20,8 @@ register(MODELS, 'WSConv1d', WSConv1d)
 register(MODELS, 'WSConv2d', WSConv2d)
 register(MODELS, 'WSConv3d', WSConv3d)
 register(HOOKS, 'BCNUpdateRateHook', BCNUpdateRateHook)
+# init_cfg=dict(type='Pretrained', checkpoint='norm_plugins://NAME') loads manifest entries.
+register_scheme()
 
 __all__ = ['BatchChannelNorm', 'BCNUpdateRateHook', 'SwitchableNorm', 'SyncSwitchableNorm', 'WSConv1d',
            'WSConv2d', 'WSConv3d', '__version__']

@@ -3,11 +3,12 @@
 Importing the package registers every layer on mmengine's root registries, where mmcv's
 ``build_norm_layer``/``build_conv_layer`` and mmdet/mmseg scopes find them.
 """
-from mmengine.registry import HOOKS, MODELS
+from mmengine.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 
 from .hooks import BCNUpdateRateHook
 from .layers import (BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv1d, WSConv2d,
                      WSConv3d)
+from .optim import NormAwareOptimWrapperConstructor
 from .pretrained import register_scheme
 from .registry import register
 from .version import __version__
@@ -20,8 +21,9 @@ register(MODELS, 'WSConv1d', WSConv1d)
 register(MODELS, 'WSConv2d', WSConv2d)
 register(MODELS, 'WSConv3d', WSConv3d)
 register(HOOKS, 'BCNUpdateRateHook', BCNUpdateRateHook)
+register(OPTIM_WRAPPER_CONSTRUCTORS, 'NormAwareOptimWrapperConstructor', NormAwareOptimWrapperConstructor)
 # init_cfg=dict(type='Pretrained', checkpoint='norm_plugins://NAME') loads manifest entries.
 register_scheme()
 
-__all__ = ['BatchChannelNorm', 'BCNUpdateRateHook', 'SwitchableNorm', 'SyncSwitchableNorm', 'WSConv1d',
-           'WSConv2d', 'WSConv3d', '__version__']
+__all__ = ['BatchChannelNorm', 'BCNUpdateRateHook', 'NormAwareOptimWrapperConstructor', 'SwitchableNorm',
+           'SyncSwitchableNorm', 'WSConv1d', 'WSConv2d', 'WSConv3d', '__version__']

@@ -3,8 +3,8 @@ and Weight Standardization", Sec. 7, Eq. 40-43 and Algorithm 1).
 
 For x of shape (N, C, *spatial), per channel c, then per sample n and group g of C / G channels::
 
-    x' = channel_weight_c * (x - mu_c) / sqrt(var_c + eps) + channel_bias_c          (Eq. 40)
-    y  = weight_g * (x' - mu_ng) / sqrt(var_ng + eps) + bias_g                       (Eq. 42)
+    x' = weight_c * (x - mu_c) / sqrt(var_c + eps) + bias_c                          (Eq. 40)
+    y  = group_weight_g * (x' - mu_ng) / sqrt(var_ng + eps) + group_bias_g           (Eq. 42)
 
 ``mu_ng``, ``var_ng`` are the (biased) moments of sample n over the channels of group g and all
 positions: a group normalization without affine followed by a per-group affine. ``mu_c``, ``var_c``
@@ -45,10 +45,8 @@ class BatchChannelNorm(nn.Module):
         momentum: large-batch running-statistics factor, PyTorch convention
             (``running = (1 - momentum) * running + momentum * batch``); ``None`` keeps a
             cumulative average, as in BatchNorm. Unused with ``estimate=True``.
-        affine: learn the per-channel ``channel_weight``/``channel_bias`` (gamma_b, beta_b) and
-            the per-group ``weight``/``bias`` (gamma_c, beta_c). The output affine is the one named
-            ``weight``/``bias``, as in the authors' code, so mmcv/mmdet initializers that set a norm's
-            ``weight`` to 0 (``zero_init_residual``) zero the output with well-scaled gradients.
+        affine: learn the per-channel ``weight``/``bias`` (gamma_b, beta_b) and the per-group
+            ``group_weight``/``group_bias`` (gamma_c, beta_c).
         track_running_stats: large batch only: keep running statistics for eval; otherwise eval
             uses the batch statistics.
         estimate: ``False`` for large-batch BCN, ``True`` for micro-batch BCN (Algorithm 1).
@@ -62,7 +60,7 @@ class BatchChannelNorm(nn.Module):
         group_size: synchronize within groups of ``group_size`` consecutive ranks; ``None`` means
             the whole world.
 
-    State-dict entries: ``weight``, ``bias`` (G), ``channel_weight``, ``channel_bias`` (C); large batch
+    State-dict entries: ``weight``, ``bias`` (C), ``group_weight``, ``group_bias`` (G); large batch
     ``running_mean``, ``running_var``, ``num_batches_tracked``; micro batch ``estimated_mean``,
     ``estimated_var``, ``update_rate``. Loading a large-batch state dict into a micro-batch BCN
     takes its running statistics as the initial estimates (see :meth:`init_estimates_from`).
@@ -111,12 +109,12 @@ class BatchChannelNorm(nn.Module):
         self._rate_checked = False
 
         if affine:
-            self.weight = nn.Parameter(torch.empty(num_groups))
-            self.bias = nn.Parameter(torch.empty(num_groups))
-            self.channel_weight = nn.Parameter(torch.empty(num_features))
-            self.channel_bias = nn.Parameter(torch.empty(num_features))
+            self.weight = nn.Parameter(torch.empty(num_features))
+            self.bias = nn.Parameter(torch.empty(num_features))
+            self.group_weight = nn.Parameter(torch.empty(num_groups))
+            self.group_bias = nn.Parameter(torch.empty(num_groups))
         else:
-            for param in ('weight', 'bias', 'channel_weight', 'channel_bias'):
+            for param in ('weight', 'bias', 'group_weight', 'group_bias'):
                 self.register_parameter(param, None)
         if estimate:
             self.register_buffer('estimated_mean', torch.zeros(num_features))
@@ -140,9 +138,9 @@ class BatchChannelNorm(nn.Module):
     def reset_parameters(self) -> None:
         self.reset_running_stats()
         if self.affine:
-            for param in (self.weight, self.channel_weight):
+            for param in (self.weight, self.group_weight):
                 nn.init.ones_(param)
-            for param in (self.bias, self.channel_bias):
+            for param in (self.bias, self.group_bias):
                 nn.init.zeros_(param)
 
     def set_update_rate(self, rate: float) -> None:
@@ -217,17 +215,17 @@ class BatchChannelNorm(nn.Module):
             group_weight = group_bias = None
             if self.affine:
                 per_group = self.num_features // self.num_groups
-                group_weight = self.weight.to(xs.dtype).repeat_interleave(per_group)
-                group_bias = self.bias.to(xs.dtype).repeat_interleave(per_group)
+                group_weight = self.group_weight.to(xs.dtype).repeat_interleave(per_group)
+                group_bias = self.group_bias.to(xs.dtype).repeat_interleave(per_group)
             # torch.group_norm rather than F.group_norm: a group holding a single value (C == G on a
-            # 1x1 map) is normalized to 0 (output: its bias) instead of raising.
+            # 1x1 map) is normalized to 0 (output group_bias) instead of raising.
             y = torch.group_norm(xs, self.num_groups, group_weight, group_bias, self.eps)
         return y.to(x.dtype) if low_precision else y
 
     def _channel_affine(self, dtype: torch.dtype):
         if not self.affine:
             return None, None
-        return self.channel_weight.to(dtype), self.channel_bias.to(dtype)
+        return self.weight.to(dtype), self.bias.to(dtype)
 
     def _batch_standardize(self, x: Tensor) -> Tensor:
         """Eq. 40: per-channel standardization with the batch statistics, then the channel affine."""

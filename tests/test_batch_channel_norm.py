@@ -156,7 +156,8 @@ def test_micro_batch_eval_uses_estimates_without_updating():
     y = layer(x)
     for k, v in layer.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
-    torch.testing.assert_close(y, reference_bcn(x, layer.estimated_mean, layer.estimated_var, *affine_of(layer), 2))
+    expected = reference_bcn(x, layer.estimated_mean, layer.estimated_var, *affine_of(layer), 2)
+    torch.testing.assert_close(y, expected)
 
 
 def test_gradcheck_float64():

@@ -22,6 +22,8 @@ their names (``WSConv`` has the parameters of ``nn.Conv2d``). ``fc`` is dropped 
 no classifier). The result is checked key by key and shape by shape against the target backbone
 built from the manifest entry: nothing missing, nothing left over.
 """
+import functools
+import json
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -138,13 +140,18 @@ def unwrap_state_dict(checkpoint: dict) -> Dict[str, Tensor]:
 def target_state_shapes(backbone_cfg: dict) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of the state dict of the mmdet backbone ``backbone_cfg``.
 
-    Built on the meta device: nothing is allocated, so ResNet-101 costs no memory.
+    Built on the meta device, so nothing is allocated; memoized per config.
     """
-    from mmdet.registry import MODELS  # mmdet is imported only when a conversion needs it
     cfg = {k: v for k, v in backbone_cfg.items() if k not in ('init_cfg', 'pretrained')}
+    return dict(_meta_state_shapes(json.dumps(cfg, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_state_shapes(cfg_json: str) -> Tuple[Tuple[str, Tuple[Tuple[int, ...], torch.dtype]], ...]:
+    from mmdet.registry import MODELS  # mmdet is imported only when a conversion needs it
     with torch.device('meta'):
-        model = MODELS.build(cfg)
-    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        model = MODELS.build(json.loads(cfg_json))
+    return tuple((k, (tuple(v.shape), v.dtype)) for k, v in model.state_dict().items())
 
 
 def _norm_abbr(norm_cfg: dict) -> str:

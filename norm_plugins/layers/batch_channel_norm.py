@@ -26,13 +26,15 @@ are batch statistics, obtained in one of two ways:
   Runner; otherwise r is the ``update_rate`` buffer.
 """
 import warnings
+from functools import partial
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.distributed import all_reduce_sum, all_reduce_sum_, sync_group
+from ..ops.batch_channel_norm_fn import (BatchChannelNormFunction, batch_sums, coefficients_from_batch,
+                                         coefficients_from_constants)
+from ..ops.distributed import all_reduce_sum_, sync_group
 
 
 class BatchChannelNorm(nn.Module):
@@ -211,107 +213,77 @@ class BatchChannelNorm(nn.Module):
         # Statistics in float32 under AMP: the variances of low-precision activations lose too much.
         with torch.autocast(x.device.type, enabled=False):
             xs = x.float() if low_precision else x
-            xs = self._batch_standardize(xs)
-            group_weight = group_bias = None
-            if self.affine:
-                per_group = self.num_features // self.num_groups
-                group_weight = self.group_weight.to(xs.dtype).repeat_interleave(per_group)
-                group_bias = self.group_bias.to(xs.dtype).repeat_interleave(per_group)
-            # torch.group_norm rather than F.group_norm: a group holding a single value (C == G on a
-            # 1x1 map) is normalized to 0 (output group_bias) instead of raising.
-            y = torch.group_norm(xs, self.num_groups, group_weight, group_bias, self.eps)
+            x3 = xs.reshape(xs.shape[0], xs.shape[1], xs.shape[2:].numel())
+            with torch.no_grad():
+                if x3.shape[0]:
+                    v, m = torch.var_mean(x3, dim=2, correction=0)
+                else:  # a rank without samples still joins the synchronized statistics
+                    v = m = x3.new_zeros(x3.shape[:2])
+            coefficients, params = self._coefficients(m, v, x3.shape[2])
+            with torch.no_grad():
+                scale, shift, batch = coefficients(m, v, *params)
+            if batch is not None and self.training and self.track_running_stats:
+                self._update_running_stats(*batch, m.shape[0] * x3.shape[2])
+            y = BatchChannelNormFunction.apply(x3, m, v, scale, shift, coefficients, *params).view(x.shape)
         return y.to(x.dtype) if low_precision else y
 
-    def _channel_affine(self, dtype: torch.dtype):
-        if not self.affine:
-            return None, None
-        return self.weight.to(dtype), self.bias.to(dtype)
-
-    def _batch_standardize(self, x: Tensor) -> Tensor:
-        """Eq. 40: per-channel standardization with the batch statistics, then the channel affine."""
-        weight, bias = self._channel_affine(x.dtype)
-        if self.estimate:
-            if self.training:
-                self._update_estimates(x)
-            # Copies: the estimates are constants of this graph, and a later forward of the same
-            # layer (shared heads) updates them in place before this graph's backward.
-            mean = self.estimated_mean.to(x.dtype, copy=True)
-            var = self.estimated_var.to(x.dtype, copy=True)
-            return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
-
-        if not self.training and self.track_running_stats:
-            return F.batch_norm(x, self.running_mean.to(x.dtype), self.running_var.to(x.dtype), weight,
-                                bias, False, 0.0, self.eps)
+    def _coefficients(self, m: Tensor, v: Tensor, spatial: int):
+        """The function giving (A, B) of ``y = A x + B`` from (m, v), and the tensors it takes."""
+        dtype = m.dtype
+        affine = ((self.weight.to(dtype), self.bias.to(dtype), self.group_weight.to(dtype),
+                   self.group_bias.to(dtype)) if self.affine else (None,) * 4)
+        if self.estimate or (self.track_running_stats and not self.training):
+            if self.estimate:
+                if self.training:
+                    self._update_estimates(m, v, spatial)
+                mean, var = self.estimated_mean, self.estimated_var
+            else:
+                mean, var = self.running_mean, self.running_var
+            # Copies: constants of this graph, which a later training forward of the same layer
+            # (a head shared across levels) updates in place before this graph's backward.
+            coefficients = partial(coefficients_from_constants, groups=self.num_groups, eps=self.eps)
+            return coefficients, (mean.to(dtype, copy=True), var.to(dtype, copy=True)) + affine
         group = self._process_group()
-        if group is None and x.numel() // x.shape[1] <= 1:
+        if group is None and m.shape[0] * spatial <= 1 and self.training:
             raise ValueError(f'{type(self).__name__}(estimate=False) needs more than one value per '
-                             f'channel to compute batch statistics, got input shape {tuple(x.shape)}; '
-                             'use estimate=True (micro-batch BCN) for batches this small.')
-        factor = 0.0
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        if group is not None:
-            return self._synced_batch_standardize(x, weight, bias, factor, group)
-        if not self.track_running_stats or self.running_mean.dtype == x.dtype:
-            running_mean = self.running_mean if self.track_running_stats else None
-            running_var = self.running_var if self.track_running_stats else None
-            return F.batch_norm(x, running_mean, running_var, weight, bias, True, factor, self.eps)
-        # Buffers of another dtype (a half model under float32 statistics): update copies.
-        running_mean, running_var = self.running_mean.to(x.dtype), self.running_var.to(x.dtype)
-        y = F.batch_norm(x, running_mean, running_var, weight, bias, True, factor, self.eps)
-        self.running_mean.copy_(running_mean)
-        self.running_var.copy_(running_var)
-        return y
-
-    def _synced_batch_standardize(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                                  factor: float, group) -> Tensor:
-        """Batch standardization over the concatenated batch of ``group``'s ranks, with gradients.
-
-        Each rank contributes per-channel count, sum and sum of squares (float64, from one-pass local
-        moments); the differentiable all-reduce sums the ranks' gradients in backward.
-        """
-        channels = x.shape[1]
-        count, sums = _local_sums(x)
-        sums = all_reduce_sum(sums, group)
-        total = float(sums[-1])
-        if total <= 1:
-            raise ValueError(f'{type(self).__name__}(estimate=False, sync=True) needs more than one '
-                             f'value per channel over all ranks, got {int(total)}; use estimate=True '
-                             '(micro-batch BCN) for batches this small.')
-        mean = sums[:channels] / total
-        var = (sums[channels:2 * channels] / total - mean * mean).clamp(min=0)
-        if self.track_running_stats and self.training:
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-                unbiased = var * (total / (total - 1))
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
-        scale = (var + self.eps).rsqrt()
-        if weight is not None:
-            scale = scale * weight
-        shift = -mean * scale if bias is None else bias - mean * scale
-        shape = (1, channels) + (1,) * (x.dim() - 2)
-        return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
+                             f'channel to compute batch statistics, got {m.shape[0]} sample(s) of '
+                             f'{spatial} position(s); use estimate=True (micro-batch BCN) for batches '
+                             'this small.')
+        coefficients = partial(coefficients_from_batch, spatial=spatial, groups=self.num_groups, eps=self.eps,
+                               group=group)
+        return coefficients, affine
 
     @torch.no_grad()
-    def _update_estimates(self, x: Tensor) -> None:
-        """Steps 1-4 of Algorithm 1, with the moments averaged over the synchronized ranks."""
+    def _update_running_stats(self, mean: Tensor, var: Tensor, total: Tensor, local_count: int) -> None:
+        count = local_count if self._process_group() is None else float(total)
+        if count <= 1:
+            raise ValueError(f'{type(self).__name__}(estimate=False, sync=True) needs more than one '
+                             f'value per channel over all ranks, got {int(count)}; use estimate=True '
+                             '(micro-batch BCN) for batches this small.')
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        # Unbiased, as BatchNorm stores it.
+        self.running_var.lerp_((var * (count / (count - 1))).to(self.running_var.dtype), factor)
+
+    @torch.no_grad()
+    def _update_estimates(self, m: Tensor, v: Tensor, spatial: int) -> None:
+        """Steps 1-4 of Algorithm 1 from the per-(n, c) moments, averaged over the synchronized ranks."""
         if not self._rate_checked:
             self._rate_checked = True
             if float(self.update_rate) == 0:
                 warnings.warn(f'{type(self).__name__}(estimate=True) is training with update_rate 0: its '
                               'estimated mean and variance never move. Set update_rate, or add '
                               "custom_hooks=[dict(type='BCNUpdateRateHook')] to follow the learning rate.")
-        channels = x.shape[1]
-        count, sums = _local_sums(x, centre=self.estimated_mean)
+        channels = m.shape[1]
+        sums = batch_sums(m, v, spatial, centre=self.estimated_mean)
         group = self._process_group()
-        if group is not None:
-            all_reduce_sum_(sums, group)
-        total = float(sums[-1]) if group is not None else count
+        all_reduce_sum_(sums, group)
+        total = float(sums[-1]) if group is not None else m.shape[0] * spatial
         if total == 0:
             return
         mean = sums[:channels] / total
-        sq_distance = sums[channels:2 * channels] / total
+        sq_distance = sums[channels:2 * channels] / total  # from the previous estimated mean
         self.estimated_mean.lerp_(mean.to(self.estimated_mean.dtype), self.update_rate)
         self.estimated_var.lerp_(sq_distance.to(self.estimated_var.dtype), self.update_rate)
 
@@ -322,26 +294,6 @@ class BatchChannelNorm(nn.Module):
             return f'{text}, update_rate={float(self.update_rate):g}, group_size={self.group_size}'
         return (f'{text}, momentum={self.momentum}, track_running_stats={self.track_running_stats}, '
                 f'group_size={self.group_size}')
-
-
-def _local_sums(x: Tensor, centre: Optional[Tensor] = None):
-    """Per-channel element count, sum and sum of squared distances from ``centre`` (0 if None).
-
-    Returned as one float64 vector ``[sum (C), sum of squares (C), count (1)]`` ready for an
-    all-reduce, built from one-pass local moments, so E[x^2] - E[x]^2 keeps float32 accuracy.
-    With an empty batch the sums are zeros that stay attached to ``x``'s graph, so this rank still
-    joins the backward all-reduce of the synchronized layer.
-    """
-    dims = [0] + list(range(2, x.dim()))
-    count = x.numel() // x.shape[1]
-    if count:
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-    else:
-        var = mean = x.sum(dims)
-    mean, var = mean.double(), var.double()
-    offset = mean if centre is None else mean - centre.double()
-    return count, torch.cat([mean * count, (var + offset * offset) * count,
-                             mean.new_full((1,), float(count))])
 
 
 def _check_update_rate(owner: str, rate) -> None:

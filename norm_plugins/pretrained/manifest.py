@@ -145,12 +145,15 @@ def _null_paths(value: Any, prefix: str = '') -> Iterator[str]:
 
 
 def _lookup(raw: Dict[str, Any], dotted: str) -> Tuple[bool, Any]:
-    """(whether the dotted path exists, its value or None)."""
+    """(whether the dotted path exists, its value or None); digits index lists (``Results.0``)."""
     value: Any = raw
     for part in dotted.split('.'):
-        if not isinstance(value, dict) or part not in value:
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
             return False, None
-        value = value[part]
     return True, value
 
 

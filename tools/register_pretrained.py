@@ -12,10 +12,12 @@ with its sha256 and batch setting.
 """
 import argparse
 import sys
+from pathlib import Path
 
 from mmengine.config import DictAction
 
 from norm_plugins.pretrained import PretrainedError
+from norm_plugins.pretrained.manifest import manifest_dirs
 from norm_plugins.pretrained.registration import register_checkpoint
 
 
@@ -56,6 +58,9 @@ def main(argv=None) -> int:
         return 1
     print(f"registered {entry['Name']}: {path} (sha256 {entry['Converted']['SHA256']})")
     print(f"use it with init_cfg=dict(type='Pretrained', checkpoint='norm_plugins://{entry['Name']}')")
+    if args.manifest and Path(args.manifest).expanduser().resolve().parent not in [d.resolve() for d in manifest_dirs()]:
+        print(f'note: {args.manifest} is outside the folders searched for manifests; add its folder to '
+              'NORM_PLUGINS_MANIFESTS', file=sys.stderr)
     return 0
 
 

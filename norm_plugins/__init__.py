@@ -8,6 +8,7 @@ from mmengine.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 from .hooks import BCNUpdateRateHook
 from .layers import (BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv1d, WSConv2d,
                      WSConv3d)
+from .models import build_pool_norm_aspp_head, build_pool_norm_psp_head
 from .optim import NormAwareOptimWrapperConstructor
 from .pretrained import register_scheme
 from .registry import register
@@ -21,6 +22,8 @@ register(MODELS, 'WSConv1d', WSConv1d)
 register(MODELS, 'WSConv2d', WSConv2d)
 register(MODELS, 'WSConv3d', WSConv3d)
 register(HOOKS, 'BCNUpdateRateHook', BCNUpdateRateHook)
+register(MODELS, 'PoolNormASPPHead', build_pool_norm_aspp_head)
+register(MODELS, 'PoolNormPSPHead', build_pool_norm_psp_head)
 register(OPTIM_WRAPPER_CONSTRUCTORS, 'NormAwareOptimWrapperConstructor', NormAwareOptimWrapperConstructor)
 # init_cfg=dict(type='Pretrained', checkpoint='norm_plugins://NAME') loads manifest entries.
 register_scheme()

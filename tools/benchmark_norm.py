@@ -20,7 +20,7 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
-from norm_plugins import SwitchableNorm, SyncSwitchableNorm
+from norm_plugins import BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv2d
 
 DEFAULT_SHAPES = ('2x256x200x336', '2x64x400x672', '16x256x56x56')
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -31,9 +31,15 @@ LAYERS: Dict[str, Callable[[int], nn.Module]] = {
     'GN': lambda c: nn.GroupNorm(32, c),
     'SN': SwitchableNorm,
     'SyncSN': SyncSwitchableNorm,
+    'BCN': BatchChannelNorm,
+    'BCN-micro': lambda c: BatchChannelNorm(c, estimate=True),
+    # 3x3 C->C convolutions: Weight Standardization's cost is measured against the plain conv.
+    'Conv3x3': lambda c: nn.Conv2d(c, c, 3, padding=1, bias=False),
+    'WSConv3x3': lambda c: WSConv2d(c, c, 3, padding=1, bias=False),
+    'WSConv3x3-folded': lambda c: WSConv2d(c, c, 3, padding=1, bias=False).fold(),
 }
 # Each row is also reported relative to these, when they are among the layers measured.
-BASELINES = ('BN', 'GN')
+BASELINES = ('BN', 'GN', 'Conv3x3')
 
 
 def parse_shape(text: str) -> tuple:

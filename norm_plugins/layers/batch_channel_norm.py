@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.batch_channel_norm_fn import (BatchChannelNormFunction, batch_sums, coefficients_from_batch,
-                                         coefficients_from_constants)
+                                         coefficients_from_constants, moments)
 from ..ops.distributed import all_reduce_sum_, sync_group
 
 
@@ -215,16 +215,14 @@ class BatchChannelNorm(nn.Module):
             xs = x.float() if low_precision else x
             x3 = xs.reshape(xs.shape[0], xs.shape[1], xs.shape[2:].numel())
             with torch.no_grad():
-                if x3.shape[0]:
-                    v, m = torch.var_mean(x3, dim=2, correction=0)
-                else:  # a rank without samples still joins the synchronized statistics
-                    v = m = x3.new_zeros(x3.shape[:2])
+                m, v, buffer = moments(x3)
             coefficients, params = self._coefficients(m, v, x3.shape[2])
             with torch.no_grad():
                 scale, shift, batch = coefficients(m, v, *params)
             if batch is not None and self.training and self.track_running_stats:
                 self._update_running_stats(*batch, m.shape[0] * x3.shape[2])
-            y = BatchChannelNormFunction.apply(x3, m, v, scale, shift, coefficients, *params).view(x.shape)
+            y = BatchChannelNormFunction.apply(x3, m, v, scale, shift, buffer, coefficients, *params)
+            y = y.view(x.shape)
         return y.to(x.dtype) if low_precision else y
 
     def _coefficients(self, m: Tensor, v: Tensor, spatial: int):

@@ -10,9 +10,10 @@ x per (n, c)::
 
 ``A`` and ``B`` are small functions of (m, v) and the parameters (plus, for batch statistics,
 mean_c/var_c derived from m, v, possibly summed over ranks). Forward needs ``m, v`` (one pass) and
-writes y (one pass). Backward takes ``sum_l g`` and ``sum_l g x`` per (n, c) (one pass), obtains the
-gradients of (m, v) and of the parameters by differentiating the small (N, C) graph again, and
-writes ``dx = g A + x P + Q`` (one pass). Only x and (N, C) tensors are saved.
+writes y into the buffer the moments kernel leaves (one pass). Backward takes ``sum_l g`` and
+``sum_l g x`` per (n, c) (one pass), obtains the gradients of (m, v) and of the parameters by
+differentiating the small (N, C) graph again, and writes ``dx = g A + x P + Q`` (one pass). Only x
+and (N, C) tensors are saved.
 """
 from typing import Callable, Optional
 
@@ -20,6 +21,15 @@ import torch
 from torch import Tensor
 
 from .distributed import all_reduce_sum
+from .switchable_norm_fn import _instance_moments
+
+
+def moments(x: Tensor):
+    """Per-(n, c) mean and biased variance of ``x`` (N, C, L) in one pass, and a spare (N, C, L) buffer."""
+    if x.shape[0] == 0:  # a rank without samples still joins the synchronized statistics
+        empty = x.new_zeros(x.shape[:2])
+        return empty, empty, torch.empty_like(x)
+    return _instance_moments(x)
 
 
 def _group_coefficients(m: Tensor, v: Tensor, a: Tensor, b: Tensor, group_weight: Optional[Tensor],
@@ -84,15 +94,17 @@ def coefficients_from_batch(m: Tensor, v: Tensor, weight: Optional[Tensor], bias
 class BatchChannelNormFunction(torch.autograd.Function):
     """``y = A(m, v, *params) x + B(m, v, *params)``; see the module docstring.
 
-    ``m``, ``v`` are the per-(n, c) mean and biased variance of ``x`` (computed by the caller, without
-    gradients, in the dtype of ``scale``/``shift``), which were obtained from ``coefficients(m, v,
-    *params)`` in forward; backward differentiates ``coefficients`` again on (N, C) tensors.
+    ``m``, ``v`` are the per-(n, c) mean and biased variance of ``x`` (from :func:`moments`, without
+    gradients), ``scale``, ``shift`` = ``coefficients(m, v, *params)`` evaluated in forward; backward
+    differentiates ``coefficients`` again on (N, C) tensors.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, m: Tensor, v: Tensor, scale: Tensor, shift: Tensor, coefficients: Callable,
-                *params: Optional[Tensor]) -> Tensor:
-        y = torch.addcmul(shift.unsqueeze(-1), x, scale.unsqueeze(-1))
+    def forward(ctx, x: Tensor, m: Tensor, v: Tensor, scale: Tensor, shift: Tensor, out: Tensor,
+                coefficients: Callable, *params: Optional[Tensor]) -> Tensor:
+        # ``out``: a spare (N, C, L) buffer from the moments kernel, overwritten with y.
+        y = torch.addcmul(shift.unsqueeze(-1), x, scale.unsqueeze(-1), out=out)
+        ctx.mark_dirty(out)
         ctx.save_for_backward(x, m, v, *params)
         ctx.coefficients = coefficients
         return y
@@ -101,7 +113,7 @@ class BatchChannelNormFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         x, m, v, *params = ctx.saved_tensors
-        wanted = ctx.needs_input_grad[6:]
+        wanted = ctx.needs_input_grad[7:]
         spatial = x.shape[2]
         g = grad.to(m.dtype)
         sum_g = g.sum(2)
@@ -120,4 +132,4 @@ class BatchChannelNormFunction(torch.autograd.Function):
         dx.addcmul_(g, scale.detach().unsqueeze(-1))
         param_grads = iter(grads[2:])
         d_params = [next(param_grads) if p is not None and p.requires_grad else None for p in leaves]
-        return (dx.to(x.dtype), None, None, None, None, None, *d_params)
+        return (dx.to(x.dtype), None, None, None, None, None, None, *d_params)

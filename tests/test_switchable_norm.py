@@ -319,3 +319,12 @@ def test_registration_survives_reload_and_refuses_foreign_names():
     with pytest.raises(KeyError, match='already registered'):
         register(MODELS, 'SN', Impostor)
     assert norm_plugins.__version__
+
+
+def test_output_accepts_inplace_ops():
+    """ConvModule follows the norm with ReLU(inplace=True)."""
+    layer = SwitchableNorm(4)
+    x = sample((2, 4, 3, 3)).requires_grad_()
+    y = torch.relu_(layer(x))
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -41,11 +41,11 @@ def _instance_moments(xs: Tensor):
     normalized copy it also writes is reused as the output buffer: on CPU a fresh allocation of an
     activation costs more than the arithmetic on it.
     """
-    n, c, spatial = xs.shape
-    buffer, mean, rstd = torch.native_layer_norm(xs.reshape(n * c, spatial), (spatial,), None, None,
-                                                 _TINY)
+    buffer, mean, rstd = torch.native_layer_norm(xs, xs.shape[2:], None, None, _TINY)
     var = (rstd.double().pow(-2) - _TINY).clamp(min=0).to(xs.dtype)
-    return mean.view(n, c), var.view(n, c), buffer.view(n, c, spatial)
+    # The buffer is returned as is, never as a view: autograd forbids in-place ops (an inplace
+    # ReLU after the norm) on views created inside a custom Function.
+    return mean.squeeze(2), var.squeeze(2), buffer
 
 
 def _batch_moments(mu_in: Tensor, var_in: Tensor, spatial: int, group):

@@ -11,7 +11,7 @@ the keys, unless every backbone tensor is filled and every source tensor is used
 import argparse
 import sys
 
-from norm_plugins.pretrained import PretrainedError, load_manifests, manifest_record
+from norm_plugins.pretrained import PretrainedError, get_entry, load_manifests, manifest_record
 from norm_plugins.pretrained.conversion import RUNNING_STATS, convert_checkpoint_file
 
 
@@ -47,6 +47,9 @@ def main(argv=None) -> int:
         return 1
     print(report.summary())
     print(f'wrote {path}\nsha256 {sha256}')
+    backbone = get_entry(args.name).backbone_cfg()
+    print(f'fits the mmdet/mmseg backbone {backbone} (not ResNetV1c/ResNetV1d, whose deep stem differs); '
+          f"load it with init_cfg=dict(type='Pretrained', checkpoint='norm_plugins://{args.name}')")
     print(manifest_record(args.name, sha256))
     return 0
 

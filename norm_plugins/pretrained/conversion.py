@@ -223,7 +223,7 @@ def convert_state_dict(source: Dict[str, Tensor], entry: PretrainedEntry, runnin
             report.state_dict[new_key] = reshape(value)
             report.renamed.append((key, new_key))
         for key in target:
-            module, _, param = key.rpartition('.')
+            param = key.rpartition('.')[2]
             if key not in report.state_dict and param in layout.added:
                 report.state_dict[key] = layout.added[param]()
                 report.added.append(key)

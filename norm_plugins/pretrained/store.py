@@ -54,7 +54,8 @@ def conversion_command(entry: PretrainedEntry, source: str = '/path/to/downloade
 
 def _missing_message(entry: PretrainedEntry, expected: str) -> str:
     urls = '\n'.join(f'  - {url}' for url in entry.source_urls) or '  (no URL recorded)'
-    published = (f' (published sha256 {entry.source_sha256}...)' if entry.source_sha256 else '')
+    sha = entry.source_sha256
+    published = '' if not sha else (f' (sha256 {sha})' if len(sha) == 64 else f' (sha256 starting with {sha})')
     return (f'{SCHEME}{entry.name}: converted checkpoint not found: expected {expected} '
             '(norm_plugins never downloads).\n'
             f'Download the source checkpoint{published} from:\n{urls}\n'

@@ -16,9 +16,14 @@ import torch
 from mmengine.logging import HistoryBuffer
 
 
+# HistoryBuffer's built-in statistics; its class-level registry only fills in when a first
+# instance is created, so a fresh process would not know them yet.
+_DEFAULT_STATISTICS = ('min', 'max', 'current', 'mean')
+
+
 def _history_buffer_method(owner: Any, name: str) -> Any:
     """``getattr`` as a checkpoint may call it: only ``HistoryBuffer.<statistics method>``."""
-    if owner is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+    if owner is HistoryBuffer and (name in _DEFAULT_STATISTICS or name in HistoryBuffer._statistics_methods):
         return getattr(owner, name)
     raise pickle.UnpicklingError(
         f'checkpoint asks for getattr({owner!r}, {name!r}); only HistoryBuffer statistics methods are '

@@ -59,9 +59,12 @@ def test_plugin_affine_params_treated_like_batchnorm(plugin, paramwise_cfg):
     assert rest == {n: s for n, s in bn.items() if n.split('.')[0] not in ('1', '3')}
 
 
-def test_bcn_group_affine_params_are_norm_params():
-    ours = settings(network(lambda c: BatchChannelNorm(c, 4)), dict(norm_decay_mult=0.2))
-    for name in ('group_weight', 'group_bias', 'weight', 'bias'):
+def test_every_bcn_affine_param_is_a_norm_param():
+    model = network(lambda c: BatchChannelNorm(c, 4))
+    ours = settings(model, dict(norm_decay_mult=0.2))
+    names = [name for name, _ in model[1].named_parameters()]
+    assert len(names) == 4  # per-channel and per-group scale and shift
+    for name in names:
         assert ours[f'1.{name}']['weight_decay'] == pytest.approx(WD * 0.2)
     assert ours['0.weight']['weight_decay'] == WD
 

@@ -24,6 +24,9 @@ are batch statistics, obtained in one of two ways:
   estimates and leaves them alone. The paper sets the update rate r to the learning rate of the
   trainable parameters: :class:`~norm_plugins.hooks.BCNUpdateRateHook` does that under an mmengine
   Runner; otherwise r is the ``update_rate`` buffer.
+
+Both steps together are affine in x per (sample, channel); :mod:`norm_plugins.ops.batch_channel_norm_fn`
+computes them with one statistics pass and one output pass, saving only x for backward.
 """
 import warnings
 from functools import partial

@@ -7,6 +7,9 @@ Normalization") and its synchronized form.
 channel), layer (LN: per sample) and batch (BN: per channel) statistics. In eval mode IN and LN come
 from the sample and BN from the running statistics. Works for (N, C, L), (N, C, H, W) and
 (N, C, D, H, W) inputs.
+
+Hard ratios (the SN paper's sparse SN): :meth:`SwitchableNorm.harden` fixes each ratio vector to
+the one-hot vector of its largest entry and stops training it.
 """
 import math
 from typing import Dict, Optional, Sequence
@@ -19,6 +22,9 @@ from ..ops.distributed import sync_group
 from ..ops.switchable_norm_fn import SwitchableNormFunction
 
 NORMALIZERS = ('in', 'ln', 'bn')
+# Logit of the normalizers a hard ratio vector drops: next to a 0 logit its softmax is exactly 0
+# (exp(-1e4) underflows in every float dtype), and it stays finite, so weight decay cannot make it NaN.
+HARD_LOGIT = -1e4
 
 
 class SwitchableNorm(nn.Module):
@@ -41,6 +47,10 @@ class SwitchableNorm(nn.Module):
         unbiased_instance_var: divide the instance variance by L - 1 as the authors' released code
             does (LN and BN variances derived from it); with one spatial position there is nothing
             to correct and the biased value 0 is used, so 1x1 maps never give NaN.
+        hard_ratios: build the layer hardened (see :meth:`harden`): the logits are buffers, and
+            logits loaded from a checkpoint are hardened on load, so ``load_from`` a soft checkpoint
+            finetunes with its argmax choices (``norm_cfg=dict(type='SN', hard_ratios=True)``).
+            Until logits are loaded, the first of ``normalizers`` is selected.
 
     The running variance stores the batch variance exactly as it was used in training (biased,
     or derived from the unbiased instance variance), so eval normalizes like training did.
@@ -50,7 +60,7 @@ class SwitchableNorm(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
                  normalizers: Sequence[str] = NORMALIZERS, tied: bool = False,
-                 zero_init: bool = False, unbiased_instance_var: bool = False):
+                 zero_init: bool = False, unbiased_instance_var: bool = False, hard_ratios: bool = False):
         super().__init__()
         name = type(self).__name__
         if not isinstance(num_features, int) or num_features <= 0:
@@ -68,6 +78,7 @@ class SwitchableNorm(nn.Module):
         self.tied = tied
         self.zero_init = zero_init
         self.unbiased_instance_var = unbiased_instance_var
+        self.hard_ratios = False
         self.track_running_stats = track_running_stats and 'bn' in self.normalizers
 
         if affine:
@@ -90,6 +101,8 @@ class SwitchableNorm(nn.Module):
         self.register_buffer('_ratio_index', torch.tensor([NORMALIZERS.index(k) for k in self.normalizers]),
                              persistent=False)
         self.reset_parameters()
+        if hard_ratios:
+            self.harden()
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -102,9 +115,38 @@ class SwitchableNorm(nn.Module):
         if self.affine:
             nn.init.constant_(self.weight, 0.0 if self.zero_init else 1.0)
             nn.init.zeros_(self.bias)
-        nn.init.ones_(self.mean_weight)
-        if self.var_weight is not None:
-            nn.init.ones_(self.var_weight)
+        with torch.no_grad():
+            for logits in self._mixture_logits().values():
+                logits.fill_(1)
+                if self.hard_ratios:
+                    logits.copy_(_hard_logits(logits))
+
+    def _mixture_logits(self) -> Dict[str, Tensor]:
+        return {name: getattr(self, name) for name in ('mean_weight', 'var_weight')
+                if getattr(self, name) is not None}
+
+    @torch.no_grad()
+    def harden(self) -> 'SwitchableNorm':
+        """Fix each ratio vector to the one-hot vector of its argmax (ties: the first normalizer).
+
+        ``mean_weight``/``var_weight`` become buffers of the same name holding 0 for the selected
+        normalizer and :data:`HARD_LOGIT` elsewhere: checkpoints keep their keys, the optimizer and
+        weight decay no longer see them, and loading a checkpoint into the layer hardens its logits.
+        Harden before wrapping the model in DistributedDataParallel (or build the layers with
+        ``hard_ratios=True``), which registers the parameters it will reduce. Returns ``self``.
+        """
+        for name, logits in self._mixture_logits().items():
+            delattr(self, name)
+            self.register_buffer(name, _hard_logits(logits.detach()))
+        self.hard_ratios = True
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.hard_ratios:
+            for name in self._mixture_logits():
+                if prefix + name in state_dict:
+                    state_dict[prefix + name] = _hard_logits(state_dict[prefix + name])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _full_ratios(self, logits: Tensor) -> Tensor:
         """Softmax over the used normalizers, laid out as (IN, LN, BN) with zeros for unused ones."""
@@ -164,7 +206,7 @@ class SwitchableNorm(nn.Module):
         return (f'{self.num_features}, normalizers={self.normalizers}, eps={self.eps}, '
                 f'momentum={self.momentum}, affine={self.affine}, tied={self.tied}, '
                 f'track_running_stats={self.track_running_stats}, '
-                f'unbiased_instance_var={self.unbiased_instance_var}')
+                f'unbiased_instance_var={self.unbiased_instance_var}, hard_ratios={self.hard_ratios}')
 
 
 class SyncSwitchableNorm(SwitchableNorm):
@@ -193,6 +235,13 @@ class SyncSwitchableNorm(SwitchableNorm):
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, group_size={self.group_size}'
+
+
+def _hard_logits(logits: Tensor) -> Tensor:
+    """Logits whose softmax is the one-hot vector of ``logits.argmax()``."""
+    hard = torch.full_like(logits, HARD_LOGIT)
+    hard[logits.argmax()] = 0
+    return hard
 
 
 def _canonical_normalizers(owner: str, normalizers: Sequence[str]) -> tuple:

@@ -1,6 +1,7 @@
 """Fast tests of what tools/train.py and tools/test.py rely on: safe checkpoint loading, the
 layer summary, the shapes generator, CPU launch coordinates and the one-line input errors."""
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -75,11 +76,10 @@ def test_layer_counts_by_exact_registered_type():
     model = nn.Sequential(SwitchableNorm(4), SwitchableNorm(4), SyncSwitchableNorm(4), WSConv2d(4, 8, 3),
                           BatchChannelNorm(8, num_groups=2), nn.BatchNorm2d(8), nn.GroupNorm(2, 8), nn.ReLU())
     counts = count_layers(model)
-    assert counts['plugin'] == {'SN': 2, 'SyncSN': 1, 'WSConv': 1, 'BCN': 1} or \
-        counts['plugin'] == {'SN': 2, 'SyncSN': 1, 'WSConv2d': 1, 'BCN': 1}
+    assert counts['plugin'] == {'SN': 2, 'SyncSN': 1, 'WSConv': 1, 'BCN': 1}
     assert counts['other_norm'] == {'BatchNorm2d': 1, 'GroupNorm': 1}
     line = describe_layers(model)
-    assert line.startswith('norm_plugins layers in the model: BCN x1, SN x2, SyncSN x1, WSConv')
+    assert line.startswith('norm_plugins layers in the model: BCN x1, SN x2, SyncSN x1, WSConv x1;')
     assert line.endswith('other normalization layers: BatchNorm2d x1, GroupNorm x1')
     assert describe_layers(nn.Linear(2, 2)) == ('norm_plugins layers in the model: none; '
                                                 'other normalization layers: none')
@@ -140,7 +140,7 @@ def test_demo_configs_build_with_their_plugin_layers(config, expected):
     with DefaultScope.overwrite_default_scope(cfg.default_scope):
         model = MODELS.build(cfg.model)
     plugins = count_layers(model)['plugin']
-    assert {name if not name.startswith('WSConv') else 'WSConv' for name in plugins} == expected
+    assert set(plugins) == expected
     # Everything in the backbone is the plug-in norm; only a pooled branch may keep BN.
     assert not count_layers(model.backbone)['other_norm']
     assert all(v > 5 for v in plugins.values())
@@ -221,3 +221,23 @@ def test_cli_prints_one_line_and_exits_2():
     result = subprocess.run(['bash', 'tools/dist_train.sh', str(DEMO / 'x.py'), 'two'], cwd=REPO,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "NUM_PROCESSES must be a positive integer, got 'two'" in result.stderr
+
+
+def test_slurm_train_composes_the_srun_command(tmp_path):
+    fake_bin = tmp_path / 'bin'
+    fake_bin.mkdir()
+    srun = fake_bin / 'srun'
+    srun.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$SRUN_ARGS_FILE"\necho "MASTER_PORT=$MASTER_PORT" >> "$SRUN_ARGS_FILE"\n')
+    srun.chmod(0o755)
+    record = tmp_path / 'args.txt'
+    env = dict(os.environ, PATH=f'{fake_bin}{os.pathsep}{os.environ["PATH"]}', SRUN_ARGS_FILE=str(record),
+               GPUS='4', GPUS_PER_NODE='2', PORT='29601', PYTHON=sys.executable)
+    result = subprocess.run(['bash', 'tools/slurm_train.sh', 'debug', 'job', 'cfg.py', 'work', '--cfg-options', 'a=1'],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    args = record.read_text().splitlines()
+    assert args[:7] == ['-p', 'debug', '--job-name=job', '--gres=gpu:2', '--ntasks=4', '--ntasks-per-node=2',
+                        '--cpus-per-task=5']
+    assert args[args.index(sys.executable):] == [sys.executable, '-u', f'{REPO}/tools/train.py', 'cfg.py',
+                                                 '--work-dir=work', '--launcher=slurm', '--cfg-options', 'a=1',
+                                                 'MASTER_PORT=29601']

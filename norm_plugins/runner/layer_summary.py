@@ -11,9 +11,15 @@ OTHER_NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 def plugin_layer_types() -> Dict[type, str]:
-    """Every class norm_plugins registered on the root MODELS registry, with its registered name."""
-    return {cls: name for name, cls in MODELS.module_dict.items()
-            if cls.__module__.split('.')[0] == 'norm_plugins'}
+    """Every class norm_plugins registered on the root MODELS registry, with its registered name.
+
+    A class registered under several names (``WSConv`` and ``WSConv2d``) keeps the first one.
+    """
+    names: Dict[type, str] = {}
+    for name, cls in MODELS.module_dict.items():
+        if cls.__module__.split('.')[0] == 'norm_plugins':
+            names.setdefault(cls, name)
+    return names
 
 
 def count_layers(model: nn.Module) -> Dict[str, Counter]:

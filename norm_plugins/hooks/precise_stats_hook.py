@@ -1,0 +1,73 @@
+"""Batch-average statistics before every validation (SN paper Sec. 3, "Inference")."""
+import copy
+from typing import Iterator, Optional
+
+from mmengine.hooks import Hook
+
+from ..analysis.precise_stats import FORWARD_MODES, recompute_batch_stats
+
+
+class PreciseStatsHook(Hook):
+    """Before each validation (and with ``on_test=True`` each test), recompute the running statistics of SN,
+    SyncSN and large-batch BCN as the average over ``num_batches`` training batches with the network
+    frozen (:func:`~norm_plugins.analysis.recompute_batch_stats`), so validation and the checkpoints
+    saved after it use batch averages instead of moving averages.
+
+    Batches come from a separate loader built from the config's ``train_dataloader`` (without
+    persistent workers), so the training loop's own data order is untouched; successive validations
+    continue through it. Distributed: every rank uses its own shard, the averages are averaged over
+    ranks. Use: ``custom_hooks = [dict(type='PreciseStatsHook', num_batches=200)]``.
+
+    Args:
+        num_batches: K, the number of training batches averaged (the authors use 200).
+        mode: forward mode, ``'loss'`` (the batch exactly as in training) or ``'tensor'``.
+        on_test: also recompute before ``runner.test()``.
+        dataloader: a dataloader config to draw batches from instead of ``train_dataloader``.
+    """
+    priority = 'ABOVE_NORMAL'
+
+    def __init__(self, num_batches: int = 200, mode: str = 'loss', on_test: bool = False,
+                 dataloader: Optional[dict] = None):
+        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+            raise ValueError(f'PreciseStatsHook: num_batches must be a positive int, got {num_batches!r}')
+        if mode not in FORWARD_MODES:
+            raise ValueError(f'PreciseStatsHook: mode must be one of {FORWARD_MODES}, got {mode!r}')
+        self.num_batches = num_batches
+        self.mode = mode
+        self.on_test = on_test
+        self.dataloader_cfg = dataloader
+        self._batches: Optional[Iterator] = None
+
+    def _batch_iterator(self, runner) -> Iterator:
+        if self._batches is None:
+            cfg = copy.deepcopy(self.dataloader_cfg or runner.cfg.get('train_dataloader'))
+            if cfg is None:
+                raise ValueError('PreciseStatsHook: the config has no train_dataloader; pass dataloader=dict(...) '
+                                 'to the hook')
+            cfg['persistent_workers'] = False
+            loader = runner.build_dataloader(cfg, seed=runner.seed)
+            self._batches = _endless(loader)
+        return self._batches
+
+    def _recompute(self, runner) -> None:
+        count = recompute_batch_stats(runner.model, self._batch_iterator(runner), self.num_batches, self.mode)
+        runner.logger.info(f'PreciseStatsHook: batch-average statistics of {count} layers over '
+                           f'{self.num_batches} training batches per rank')
+
+    def before_val(self, runner) -> None:
+        self._recompute(runner)
+
+    def before_test(self, runner) -> None:
+        if self.on_test:
+            self._recompute(runner)
+
+
+def _endless(loader) -> Iterator:
+    """Batches of ``loader`` without end, advancing the sampler's epoch at each pass."""
+    epoch = 0
+    while True:
+        sampler = getattr(loader, 'sampler', None)
+        if hasattr(sampler, 'set_epoch'):
+            sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1

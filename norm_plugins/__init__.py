@@ -5,7 +5,7 @@ Importing the package registers every layer on mmengine's root registries, where
 """
 from mmengine.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 
-from .hooks import BCNUpdateRateHook
+from .hooks import BCNUpdateRateHook, PreciseStatsHook, SNRatioLoggerHook
 from .layers import (BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv1d, WSConv2d,
                      WSConv3d)
 from .models import build_pool_norm_aspp_head, build_pool_norm_psp_head
@@ -22,11 +22,14 @@ register(MODELS, 'WSConv1d', WSConv1d)
 register(MODELS, 'WSConv2d', WSConv2d)
 register(MODELS, 'WSConv3d', WSConv3d)
 register(HOOKS, 'BCNUpdateRateHook', BCNUpdateRateHook)
+register(HOOKS, 'PreciseStatsHook', PreciseStatsHook)
+register(HOOKS, 'SNRatioLoggerHook', SNRatioLoggerHook)
 register(MODELS, 'PoolNormASPPHead', build_pool_norm_aspp_head)
 register(MODELS, 'PoolNormPSPHead', build_pool_norm_psp_head)
 register(OPTIM_WRAPPER_CONSTRUCTORS, 'NormAwareOptimWrapperConstructor', NormAwareOptimWrapperConstructor)
 # init_cfg=dict(type='Pretrained', checkpoint='norm_plugins://NAME') loads manifest entries.
 register_scheme()
 
-__all__ = ['BatchChannelNorm', 'BCNUpdateRateHook', 'NormAwareOptimWrapperConstructor', 'SwitchableNorm',
+__all__ = ['BatchChannelNorm', 'BCNUpdateRateHook', 'NormAwareOptimWrapperConstructor', 'PreciseStatsHook',
+           'SNRatioLoggerHook', 'SwitchableNorm',
            'SyncSwitchableNorm', 'WSConv1d', 'WSConv2d', 'WSConv3d', '__version__']

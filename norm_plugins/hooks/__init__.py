@@ -1,3 +1,5 @@
 from .bcn_update_rate_hook import BCNUpdateRateHook
+from .precise_stats_hook import PreciseStatsHook
+from .sn_ratio_logger_hook import SNRatioLoggerHook
 
-__all__ = ['BCNUpdateRateHook']
+__all__ = ['BCNUpdateRateHook', 'PreciseStatsHook', 'SNRatioLoggerHook']

@@ -3,6 +3,7 @@ import pytest
 import torch
 from mmcv.cnn import build_norm_layer
 from mmdet.registry import MODELS as DET_MODELS
+from mmengine.registry import DefaultScope
 from mmseg.registry import MODELS as SEG_MODELS
 
 from norm_plugins import BatchChannelNorm, WSConv2d
@@ -35,10 +36,12 @@ def _check_plugged(backbone, estimate):
 
 @pytest.mark.parametrize('estimate,batch', [(False, 2), (True, 1)])
 def test_mmdet_resnet18(estimate, batch):
-    backbone = DET_MODELS.build(dict(
-        type='ResNet', depth=18, conv_cfg=dict(type='WSConv'),
-        norm_cfg=dict(type='BCN', estimate=estimate, requires_grad=True), norm_eval=False,
-        out_indices=(0, 1, 2, 3)))
+    # The scope a Runner (earlier in the session) may have left as default would hide mmdet's classes.
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        backbone = DET_MODELS.build(dict(
+            type='ResNet', depth=18, conv_cfg=dict(type='WSConv'),
+            norm_cfg=dict(type='BCN', estimate=estimate, requires_grad=True), norm_eval=False,
+            out_indices=(0, 1, 2, 3)))
     outs = _forward_backward(backbone, batch)
     assert [o.shape[1] for o in outs] == [64, 128, 256, 512]
     assert 'layer1.0.bcn1.weight' in backbone.state_dict()
@@ -48,10 +51,11 @@ def test_mmdet_resnet18(estimate, batch):
 
 @pytest.mark.parametrize('estimate', [False, True])
 def test_mmseg_resnetv1c18(estimate):
-    backbone = SEG_MODELS.build(dict(
-        type='ResNetV1c', depth=18, conv_cfg=dict(type='WSConv'),
-        norm_cfg=dict(type='BCN', estimate=estimate, requires_grad=True), norm_eval=False,
-        dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1)))
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        backbone = SEG_MODELS.build(dict(
+            type='ResNetV1c', depth=18, conv_cfg=dict(type='WSConv'),
+            norm_cfg=dict(type='BCN', estimate=estimate, requires_grad=True), norm_eval=False,
+            dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1)))
     outs = _forward_backward(backbone, 2)
     assert outs[-1].shape[-2:] == (8, 8)  # output stride 8 with dilation
     _check_plugged(backbone, estimate)

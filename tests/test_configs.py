@@ -7,6 +7,7 @@ convolutions (stem, 3 per bottleneck x 16, 4 shortcuts); FPN 8 (4 lateral, 4 out
 head and the FCN mask head 4 each; DeepLabV3's ASPP head 4 branches + bottleneck (+ the image-pooling
 branch), PSPNet's head 3 pyramid bins + bottleneck (+ the 1x1 bin); the auxiliary FCN head 1.
 """
+import copy
 import re
 import warnings
 from collections import Counter
@@ -90,8 +91,10 @@ def test_recipes_found():
 
 
 @pytest.mark.parametrize('recipe', RECIPES)
-def test_protocol(recipe):
+def test_protocol(recipe, tmp_path):
     cfg = load(recipe)
+    cfg.dump(tmp_path / 'dumped.py')  # the Runner saves the config this way before training
+    assert Config.fromfile(str(tmp_path / 'dumped.py')).model == cfg.model
     algo, norm = recipe_kind(recipe)
     assert cfg.custom_imports == dict(imports=['norm_plugins'], allow_failed_imports=False)
     assert cfg.train_dataloader.batch_size == 2
@@ -208,12 +211,12 @@ def test_flagship_backbone_loads_by_manifest_name(tmp_path, monkeypatch):
 
 @pytest.fixture(scope='module', params=BUILT)
 def built(request):
-    """(recipe, cfg, model): the recipe's model on CPU with PyTorch's default initialization (the
-    pretrained loading is tested on the flagship below; init_weights would only slow this down)."""
+    """(recipe, cfg, model): the recipe's model on CPU with PyTorch's default initialization
+    (test_flagship_backbone_loads_by_manifest_name covers init_weights; here it would only cost time)."""
     recipe = request.param
     cfg = load(recipe)
     init_default_scope(cfg.default_scope)
-    model_cfg = cfg.model.copy()
+    model_cfg = copy.deepcopy(cfg.model)  # load() is cached: leave its config untouched
     model_cfg.backbone = dict(model_cfg.backbone, init_cfg=None)
     if 'size' in model_cfg.data_preprocessor:  # mmseg pads every training batch to the crop size
         model_cfg.data_preprocessor = dict(model_cfg.data_preprocessor, size=(SEG_SIZE, SEG_SIZE))

@@ -115,7 +115,8 @@ def test_protocol(recipe, tmp_path):
         assert backbone.strides == (1, 2, 1, 1) and backbone.dilations == (1, 1, 2, 4)
         assert cfg.model.auxiliary_head.loss_decode.loss_weight == 0.4
         assert [(s.type, s.power) for s in cfg.param_scheduler] == [('PolyLR', 0.9)]
-        assert cfg.model.decode_head.type == {'deeplabv3': 'PoolNormASPPHead', 'pspnet': 'PoolNormPSPHead'}[algo]
+        head_type = {'deeplabv3': 'PoolNormASPPHead', 'pspnet': 'PoolNormPSPHead'}[algo]
+        assert cfg.model.decode_head.type == head_type
         assert cfg.model.decode_head.pool_norm_cfg.type == 'SyncBN'
         num_classes = 150 if 'ade20k' in recipe else 19
         assert cfg.model.decode_head.num_classes == cfg.model.auxiliary_head.num_classes == num_classes
@@ -240,7 +241,8 @@ def test_normalizers_where_the_name_says(built):
     for component, count in COMPONENTS[algo].items():
         module = submodule(model, component)
         # mmcv's SyncBN is mmengine's subclass of nn.SyncBatchNorm
-        found = Counter(nn.SyncBatchNorm if isinstance(m, nn.SyncBatchNorm) else type(m) for m in norms_in(module))
+        found = Counter(nn.SyncBatchNorm if isinstance(m, nn.SyncBatchNorm) else type(m)
+                        for m in norms_in(module))
         pool = 1 if component == 'decode_head' else 0  # the global-pooling branch: see test below
         expected = Counter({norm_class: count, nn.SyncBatchNorm: pool})
         assert found == +expected, component

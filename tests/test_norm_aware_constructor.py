@@ -130,11 +130,13 @@ def test_zero_decay_really_leaves_norm_params_alone():
 
 
 def test_registered_in_mmengine():
-    assert OPTIM_WRAPPER_CONSTRUCTORS.get('NormAwareOptimWrapperConstructor') is NormAwareOptimWrapperConstructor
+    registered = OPTIM_WRAPPER_CONSTRUCTORS.get('NormAwareOptimWrapperConstructor')
+    assert registered is NormAwareOptimWrapperConstructor
 
 
 @pytest.mark.parametrize('paramwise_cfg, optimizer, match', [
-    (dict(mixture_decay_mult=-1.), dict(lr=0.1, weight_decay=0.1), 'mixture_decay_mult must be a number >= 0'),
+    (dict(mixture_decay_mult=-1.), dict(lr=0.1, weight_decay=0.1),
+     'mixture_decay_mult must be a number >= 0'),
     (dict(mixture_lr_mult='2'), dict(lr=0.1), 'mixture_lr_mult must be a number >= 0'),
     (dict(mixture_decay_mult=0.), dict(lr=0.1), 'needs optimizer.weight_decay'),
 ])

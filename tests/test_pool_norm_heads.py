@@ -52,7 +52,8 @@ def test_only_the_global_pooling_branch_changes(kind):
     others = {'aspp': 3 + 1, 'psp': 2 + 1}[kind]  # spatial branches/bins + bottleneck
     assert len(sn_layers) == others
     spatial = []
-    hooks = [m.register_forward_pre_hook(lambda _, args: spatial.append(args[0][0, 0].numel())) for m in sn_layers]
+    hooks = [m.register_forward_pre_hook(lambda _, args: spatial.append(args[0][0, 0].numel()))
+             for m in sn_layers]
     head.train()
     out = head([torch.randn(2, 8, 6, 6)])
     assert out.shape == (2, 3, 6, 6) and torch.isfinite(out).all()
@@ -73,12 +74,15 @@ def test_default_pool_norm_is_syncbn_and_not_shared():
     head = PoolNormASPPHead(norm_cfg=dict(type='SN'), **COMMON, dilations=(1, 2))
     assert isinstance(norm_of(head.image_pool[1]), nn.SyncBatchNorm)
     head.pool_norm_cfg['type'] = 'GN'
-    assert PoolNormASPPHead(norm_cfg=dict(type='SN'), **COMMON, dilations=(1, 2)).pool_norm_cfg['type'] == 'SyncBN'
+    fresh = PoolNormASPPHead(norm_cfg=dict(type='SN'), **COMMON, dilations=(1, 2))
+    assert fresh.pool_norm_cfg['type'] == 'SyncBN'
 
 
-@pytest.mark.parametrize('name, cls', [('PoolNormASPPHead', PoolNormASPPHead), ('PoolNormPSPHead', PoolNormPSPHead)])
+@pytest.mark.parametrize('name, cls', [('PoolNormASPPHead', PoolNormASPPHead),
+                                       ('PoolNormPSPHead', PoolNormPSPHead)])
 def test_built_by_type_name_in_mmseg_scope(name, cls):
     init_default_scope('mmseg')
     extra = HEADS['aspp' if cls is PoolNormASPPHead else 'psp'][2]
-    head = MODELS.build(dict(type=name, norm_cfg=dict(type='SN'), pool_norm_cfg=dict(type='BN'), **COMMON, **extra))
+    head = MODELS.build(
+        dict(type=name, norm_cfg=dict(type='SN'), pool_norm_cfg=dict(type='BN'), **COMMON, **extra))
     assert type(head) is cls

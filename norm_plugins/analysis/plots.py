@@ -42,11 +42,13 @@ def _group_spans(layers: Sequence[LayerRatios]) -> List[Tuple[str, int, int]]:
     return spans
 
 
-def _mark_groups(ax, layers: Sequence[LayerRatios], top: float) -> None:
-    for group, first, last in _group_spans(layers):
+def _mark_groups(ax, layers: Sequence[LayerRatios], top: float, step: float) -> None:
+    """Separators between groups and their names above the bars, staggered so narrow ones stay legible."""
+    for i, (group, first, last) in enumerate(_group_spans(layers)):
         if first > 0:
             ax.axvline(first - 0.5, color='black', linewidth=0.8)
-        ax.text((first + last) / 2, top, group, ha='center', va='bottom', fontsize=7, rotation=0)
+        label = group[len('backbone.'):] if group.startswith('backbone.') else group.split('.')[-1]
+        ax.text((first + last) / 2, top + step * (i % 2), label, ha='center', va='bottom', fontsize=7)
 
 
 def _layer_axis(ax, layers: Sequence[LayerRatios]) -> None:
@@ -71,11 +73,11 @@ def plot_layer_ratios(layers: Sequence[LayerRatios], prefix: str, title: str = '
             heights = [float(getattr(layer, which)[k]) for layer in layers]
             ax.bar(x, heights, bottom=bottom, width=0.8, color=COLORS[normalizer], label=normalizer.upper())
             bottom = [b + h for b, h in zip(bottom, heights)]
-        ax.set_ylim(0, 1.12)
+        ax.set_ylim(0, 1.16)
         ax.set_ylabel('mean ratios' if which == 'mean' else 'variance ratios')
-        _mark_groups(ax, layers, 1.02)
+        _mark_groups(ax, layers, 1.005, 0.07)
         _layer_axis(ax, layers)
-    axes[0].legend(loc='upper right', bbox_to_anchor=(1.0, 1.25), ncol=3, fontsize=8)
+    axes[0].legend(loc='lower right', bbox_to_anchor=(1.0, 1.02), ncol=3, fontsize=8)
     if title:
         fig.suptitle(title)
     return _save(fig, prefix)
@@ -91,9 +93,9 @@ def plot_divergence(rows: Sequence[Tuple[LayerRatios, float, float]], prefix: st
     ax.bar([i - 0.2 for i in x], [row[1] for row in rows], width=0.4, color='#9467bd', label='D(mean ratios)')
     ax.bar([i + 0.2 for i in x], [row[2] for row in rows], width=0.4, color='#ff7f0e', label='D(variance ratios)')
     top = max(max(row[1], row[2]) for row in rows) or 1.0
-    ax.set_ylim(0, top * 1.15)
+    ax.set_ylim(0, top * 1.2)
     ax.set_ylabel('symmetric KL divergence')
-    _mark_groups(ax, layers, top * 1.03)
+    _mark_groups(ax, layers, top * 1.01, top * 0.08)
     _layer_axis(ax, layers)
     ax.legend(loc='upper right', fontsize=8)
     if title:

@@ -40,14 +40,22 @@ class PreciseStatsHook(Hook):
 
     def _batch_iterator(self, runner) -> Iterator:
         if self._batches is None:
-            cfg = copy.deepcopy(self.dataloader_cfg or runner.cfg.get('train_dataloader'))
-            if cfg is None:
-                raise ValueError('PreciseStatsHook: the config has no train_dataloader; pass dataloader=dict(...) '
-                                 'to the hook')
-            cfg['persistent_workers'] = False
-            loader = runner.build_dataloader(cfg, seed=runner.seed)
-            self._batches = _endless(loader)
+            self._batches = _endless(self._loader(runner))
         return self._batches
+
+    def _loader(self, runner):
+        cfg = self.dataloader_cfg or runner.cfg.get('train_dataloader')
+        if cfg is not None:
+            cfg = copy.deepcopy(cfg)
+            cfg['persistent_workers'] = False
+            return runner.build_dataloader(cfg, seed=runner.seed)
+        # A Runner built from arguments, not a config: its own train loader, when iterating it anew
+        # leaves the training loop's iterator alone (no persistent workers).
+        loader = runner.train_dataloader
+        if getattr(loader, 'persistent_workers', False):
+            raise ValueError('PreciseStatsHook: the train dataloader keeps persistent workers, which a second '
+                             'iterator would reset; pass dataloader=dict(...) to the hook')
+        return loader
 
     def _recompute(self, runner) -> None:
         count = recompute_batch_stats(runner.model, self._batch_iterator(runner), self.num_batches, self.mode)

@@ -18,7 +18,7 @@ PYTHON=.venv/bin/python
 "$PYTHON" tools/make_shapes_dataset.py --out data/shapes
 "$PYTHON" tools/train.py "$CONFIG" --work-dir "$WORK_DIR" "$@"
 CHECKPOINT=$(cat "$WORK_DIR/last_checkpoint")
-TRAIN_LOG=$(ls -t "$WORK_DIR"/*/*.log | head -n1)
+TRAIN_LOG=$(realpath "$(ls -t "$WORK_DIR"/*/*.log | head -n1)")
 "$PYTHON" tools/test.py "$CONFIG" "$CHECKPOINT" --work-dir "$WORK_DIR" \
   --metrics-json "$WORK_DIR/demo_metrics.json"
 "$PYTHON" -m norm_plugins.demo.summary "$WORK_DIR/demo_metrics.json" "$TRAIN_LOG"

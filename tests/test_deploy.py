@@ -75,7 +75,11 @@ def test_sequential_of_every_choice_matches_and_has_no_plugin_layers():
         nn.Conv2d(8, 8, 1), _bcn(8, estimate=True, seed=2),
         nn.ReLU(), _bcn(8, estimate=False, seed=3),
     )
-    report = _check_equal(model, torch.randn(2, 3, 9, 7))
+    x = torch.randn(2, 3, 9, 7)
+    reference = copy.deepcopy(model).eval()
+    report = _check_equal(model, x)
+    # Deployed layers also run with autograd on (e.g. under tracing exporters).
+    torch.testing.assert_close(model(x), reference(x).detach(), rtol=1e-5, atol=1e-5)
     assert report == {'WSConv folded': 1, 'SN(BN) folded into conv': 1, 'SN -> GroupNorm(C) (IN)': 1,
                       'SN -> GroupNorm(1) (LN)': 1, 'SN -> SelectedNorm(mean BN, var IN)': 1,
                       'SN -> SelectedNorm(mean LN, var BN)': 1, 'SN -> SelectedNorm(mean IN, var IN)': 1,

@@ -75,7 +75,7 @@ class SelectedNorm(nn.Module):
         if self.bias is not None:
             shift = shift + self.bias
         scale, shift = scale.expand(n, c).unsqueeze(-1), shift.expand(n, c).unsqueeze(-1)
-        if out is None:
+        if out is None or torch.is_grad_enabled():  # out= is not differentiable
             return torch.addcmul(shift, x3, scale).view(x.shape)
         return torch.addcmul(shift, x3, scale, out=out).view(x.shape)
 

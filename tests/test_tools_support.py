@@ -17,7 +17,7 @@ import norm_plugins  # noqa: F401  (registers the layers)
 from norm_plugins.demo.shapes import CLASSES, generate_shapes_dataset, shapes_dataset_ready
 from norm_plugins.layers import BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv2d
 from norm_plugins.runner import ToolError, count_layers, describe_layers, mmengine_checkpoint_globals
-from norm_plugins.runner.cpu_distributed import process_coordinates
+from norm_plugins.runner.cpu_distributed import process_coordinates, replace_gpu_only_sync_bn
 from norm_plugins.runner import entrypoints
 from tools_helpers import DEEPLAB, DEMO, FASTER_RCNN, MASK_RCNN, PSPNET, REPO, make_tiny_shapes, tiny_options
 
@@ -206,6 +206,16 @@ def test_launch_coordinates_and_missing_launcher_environment():
     assert process_coordinates('mpi', mpi) == (2, 3, 0, 'm', '7')
     with pytest.raises(ToolError, match='RANK, WORLD_SIZE.*tools/dist_train.sh'):
         process_coordinates('pytorch', {})
+
+
+def test_cpu_multiprocess_runs_replace_gpu_only_sync_bn():
+    from mmengine.config import Config
+    cfg = Config.fromfile(str(DEEPLAB))
+    assert replace_gpu_only_sync_bn(cfg.model) == ['model.decode_head.pool_norm_cfg']
+    assert cfg.model.decode_head.pool_norm_cfg.type == 'BN' and cfg.model.decode_head.norm_cfg.type == 'SN'
+    model = {'a': [dict(type='MMSyncBN'), dict(type='SyncSN')], 'b': dict(norm_cfg=dict(type='SyncBN'))}
+    assert replace_gpu_only_sync_bn(model) == ['model.a.0', 'model.b.norm_cfg']
+    assert model == {'a': [dict(type='BN'), dict(type='SyncSN')], 'b': dict(norm_cfg=dict(type='BN'))}
 
 
 def test_cli_prints_one_line_and_exits_2():

@@ -15,7 +15,9 @@ class RankStateDumpHook(Hook):
         self.image_ids = []
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
-        self.image_ids += [sample.img_id for sample in data_batch['data_samples']]
+        # mmdet samples carry img_id, mmseg ones only their path.
+        self.image_ids += [sample.metainfo.get('img_id', sample.metainfo.get('img_path'))
+                           for sample in data_batch['data_samples']]
 
     def after_run(self, runner):
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model

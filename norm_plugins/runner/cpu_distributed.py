@@ -5,12 +5,14 @@ default to NCCL, so on a CPU-only machine the tools initialize the process group
 Runner then finds it initialized and skips its own setup.
 """
 import datetime
+import logging
 import os
 import subprocess
-from typing import Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch.distributed as dist
 from mmengine.config import Config
+from mmengine.logging import print_log
 from mmengine.registry import MODEL_WRAPPERS
 from torch.nn.parallel import DistributedDataParallel
 
@@ -74,3 +76,27 @@ def init_cpu_process_group(launcher: str, cfg: Config) -> None:
     if issubclass(MODEL_WRAPPERS.get(wrapper.get('type', 'MMDistributedDataParallel')), DistributedDataParallel):
         wrapper.setdefault('device_ids', None)
     cfg.model_wrapper_cfg = wrapper
+    replaced = replace_gpu_only_sync_bn(cfg.model)
+    if replaced:
+        print_log(f"PyTorch's SyncBN runs on GPUs only: on this CPU run {', '.join(replaced)} use BN, with "
+                  'statistics of each process\'s own batch (the plug-in SyncSN and BCN still synchronize)',
+                  logger='current', level=logging.WARNING)
+
+
+GPU_ONLY_SYNC_BN = ('SyncBN', 'MMSyncBN')
+
+
+def replace_gpu_only_sync_bn(node: Any, where: str = 'model') -> List[str]:
+    """Turn every ``norm_cfg``-style ``type='SyncBN'``/``'MMSyncBN'`` under ``node`` into ``'BN'`` in
+    place (mmengine reverts them itself only in non-distributed runs); returns where they were."""
+    replaced: List[str] = []
+    if isinstance(node, dict):
+        if node.get('type') in GPU_ONLY_SYNC_BN:
+            node['type'] = 'BN'
+            replaced.append(where)
+        for key, value in node.items():
+            replaced += replace_gpu_only_sync_bn(value, f'{where}.{key}')
+    elif isinstance(node, (list, tuple)):
+        for index, value in enumerate(node):
+            replaced += replace_gpu_only_sync_bn(value, f'{where}.{index}')
+    return replaced

@@ -194,6 +194,20 @@ def test_without_affine(estimate):
     assert torch.autograd.gradcheck(layer, (x.detach().requires_grad_(),))
 
 
+@pytest.mark.parametrize('estimate', [False, True])
+def test_parameter_gradients_without_input_gradient(estimate):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    grads = []
+    for needs_input_grad in (True, False):
+        layer = BatchChannelNorm(4, num_groups=2, estimate=estimate, update_rate=0.3).double()
+        randomize_affine(layer)
+        (layer(x.clone().requires_grad_(needs_input_grad)) * x).sum().backward()
+        grads.append([p.grad for p in layer.parameters()])
+    for with_x, without_x in zip(*grads):
+        torch.testing.assert_close(without_x, with_x)
+
+
 def test_zero_update_rate_warns_once():
     layer = BatchChannelNorm(4, num_groups=2, estimate=True, update_rate=0.0)
     x = torch.randn(2, 4, 3)

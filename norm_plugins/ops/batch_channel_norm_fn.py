@@ -124,12 +124,15 @@ class BatchChannelNormFunction(torch.autograd.Function):
             scale, shift, _ = ctx.coefficients(m_, v_, *leaves)
             inputs = [m_, v_] + [p for p in leaves if p is not None and p.requires_grad]
             grads = torch.autograd.grad((scale, shift), inputs, (sum_gx, sum_g), allow_unused=True)
-        d_m, d_v = (torch.zeros_like(m) if d is None else d for d in grads[:2])
-        # m = mean_l x, v = mean_l (x - m)^2: dm/dx = 1/L, dv/dx = 2 (x - m) / L.
-        p = d_v * (2.0 / spatial)
-        q = d_m / spatial - p * m
-        dx = torch.addcmul(q.unsqueeze(-1), x.to(m.dtype), p.unsqueeze(-1))
-        dx.addcmul_(g, scale.detach().unsqueeze(-1))
         param_grads = iter(grads[2:])
         d_params = [next(param_grads) if p is not None and p.requires_grad else None for p in leaves]
-        return (dx.to(x.dtype), None, None, None, None, None, None, *d_params)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            d_m, d_v = (torch.zeros_like(m) if d is None else d for d in grads[:2])
+            # m = mean_l x, v = mean_l (x - m)^2: dm/dx = 1/L, dv/dx = 2 (x - m) / L.
+            p = d_v * (2.0 / spatial)
+            q = d_m / spatial - p * m
+            dx = torch.addcmul(q.unsqueeze(-1), x.to(m.dtype), p.unsqueeze(-1))
+            dx.addcmul_(g, scale.detach().unsqueeze(-1))
+            dx = dx.to(x.dtype)
+        return (dx, None, None, None, None, None, None, *d_params)

@@ -5,7 +5,7 @@ Importing the package registers every layer on mmengine's root registries, where
 """
 from mmengine.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 
-from .hooks import BCNUpdateRateHook, PreciseStatsHook, SNRatioLoggerHook
+from .hooks import BCNUpdateRateHook, PreciseStatsHook, SNHardRatiosHook, SNRatioLoggerHook
 from .layers import (BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv1d, WSConv2d,
                      WSConv3d)
 from .models import build_pool_norm_aspp_head, build_pool_norm_psp_head
@@ -24,6 +24,7 @@ register(MODELS, 'WSConv3d', WSConv3d)
 register(HOOKS, 'BCNUpdateRateHook', BCNUpdateRateHook)
 register(HOOKS, 'PreciseStatsHook', PreciseStatsHook)
 register(HOOKS, 'SNRatioLoggerHook', SNRatioLoggerHook)
+register(HOOKS, 'SNHardRatiosHook', SNHardRatiosHook)
 register(MODELS, 'PoolNormASPPHead', build_pool_norm_aspp_head)
 register(MODELS, 'PoolNormPSPHead', build_pool_norm_psp_head)
 register(OPTIM_WRAPPER_CONSTRUCTORS, 'NormAwareOptimWrapperConstructor', NormAwareOptimWrapperConstructor)
@@ -31,5 +32,5 @@ register(OPTIM_WRAPPER_CONSTRUCTORS, 'NormAwareOptimWrapperConstructor', NormAwa
 register_scheme()
 
 __all__ = ['BatchChannelNorm', 'BCNUpdateRateHook', 'NormAwareOptimWrapperConstructor', 'PreciseStatsHook',
-           'SNRatioLoggerHook', 'SwitchableNorm',
+           'SNHardRatiosHook', 'SNRatioLoggerHook', 'SwitchableNorm',
            'SyncSwitchableNorm', 'WSConv1d', 'WSConv2d', 'WSConv3d', '__version__']

@@ -102,3 +102,79 @@ def test_hard_ratios_from_norm_cfg_tied_subset_and_sync():
     assert torch.equal(layer.ratios()['var']['bn'], torch.tensor(1.0))
     sync = SyncSwitchableNorm(4, hard_ratios=True)
     assert sync.hard_ratios and 'hard_ratios=True' in repr(sync)
+
+
+def _set_logits(model):
+    logits = {}
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, SwitchableNorm):
+                module.mean_weight.copy_(torch.randn(3, generator=generator))
+                module.var_weight.copy_(torch.randn(3, generator=generator))
+                logits[name] = (int(module.mean_weight.argmax()), int(module.var_weight.argmax()))
+    return logits
+
+
+def test_hook_finetunes_with_the_loaded_models_argmax(tmp_path):
+    from runner_helpers import TinySNModel, tiny_runner
+    runner = tiny_runner(tmp_path, [dict(type='SNHardRatiosHook')], max_iters=3, val_interval=100)
+    choices = _set_logits(runner.model)
+    weight = runner.model.neck[1].weight.detach().clone()
+    runner.train()
+    for name, module in runner.model.named_modules():
+        if isinstance(module, SwitchableNorm):
+            assert module.hard_ratios
+            assert torch.equal(torch.stack(list(module.ratios()['mean'].values())), _one_hot(choices[name][0]))
+            assert torch.equal(torch.stack(list(module.ratios()['var'].values())), _one_hot(choices[name][1]))
+    assert not torch.equal(runner.model.neck[1].weight, weight)
+    runner.save_checkpoint(str(tmp_path), 'hard.pth')
+    from mmengine.runner import load_checkpoint
+    from norm_plugins.runner import mmengine_checkpoint_globals
+    fresh = TinySNModel()
+    with mmengine_checkpoint_globals():
+        load_checkpoint(fresh, str(tmp_path / 'hard.pth'), map_location='cpu', strict=True)
+    assert torch.equal(torch.stack(list(fresh.neck[1].ratios()['mean'].values())), _one_hot(choices['neck.1'][0]))
+
+
+def test_hook_refuses_models_without_sn(tmp_path):
+    from types import SimpleNamespace
+    from norm_plugins.hooks import SNHardRatiosHook
+    with pytest.raises(ValueError, match='has no SN layer'):
+        SNHardRatiosHook().before_train(SimpleNamespace(model=torch.nn.Linear(2, 2)))
+
+
+def _ddp_without_unused(rank, world_size):
+    from types import SimpleNamespace
+    from mmengine.model import MMDistributedDataParallel
+    from norm_plugins.hooks import SNHardRatiosHook
+    model = MMDistributedDataParallel(torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1), SwitchableNorm(2)))
+    with pytest.raises(ValueError, match='find_unused_parameters'):
+        SNHardRatiosHook().before_train(SimpleNamespace(model=model))
+
+
+@pytest.mark.slow
+def test_hook_explains_ddp_without_find_unused_parameters():
+    from norm_plugins.testing import run_distributed
+    run_distributed(_ddp_without_unused, 1)
+
+
+def test_hard_ratios_norm_cfg_hardens_an_mmengine_checkpoint_load(tmp_path):
+    from mmdet.models.backbones import ResNet
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.runner import load_checkpoint
+    soft = ResNet(depth=18, base_channels=4, norm_cfg=dict(type='SN'))
+    choices = _set_logits(soft)
+    torch.save({'state_dict': soft.state_dict()}, tmp_path / 'soft.pth')
+    hard = ResNet(depth=18, base_channels=4, norm_cfg=dict(type='SN', hard_ratios=True))
+    load_checkpoint(hard, str(tmp_path / 'soft.pth'), map_location='cpu', strict=True)
+    for name, module in hard.named_modules():
+        if isinstance(module, SwitchableNorm):
+            assert torch.equal(torch.stack(list(module.ratios()['var'].values())), _one_hot(choices[name][1]))
+    wrapper = build_optim_wrapper(hard, dict(optimizer=dict(type='SGD', lr=0.1, weight_decay=1e-4),
+                                             constructor='NormAwareOptimWrapperConstructor',
+                                             paramwise_cfg=dict(norm_decay_mult=0.0)))
+    optimized = {id(p) for group in wrapper.param_groups for p in group['params']}
+    assert {id(p) for p in hard.parameters()} <= optimized
+    assert not {id(b) for n, b in hard.named_buffers() if n.endswith(('mean_weight', 'var_weight'))} & optimized
+    assert not any(n.endswith(('mean_weight', 'var_weight')) for n, _ in hard.named_parameters())

@@ -1,6 +1,5 @@
 """Synthetic inputs, output comparison and timing of mmdet/mmseg models, for checking a deployment."""
 import copy
-import statistics
 import time
 from typing import Any, List, Optional, Tuple
 
@@ -108,7 +107,8 @@ def max_difference(first: List[Tensor], second: List[Tensor]) -> float:
 
 @torch.no_grad()
 def time_inference(model: nn.Module, inputs: Tensor, samples: list, runs: int = 5) -> float:
-    """Median seconds of one full inference (``predict`` for mmengine models), after one warm-up run."""
+    """Seconds of one full inference (``predict`` for mmengine models): the fastest of ``runs`` after
+    a warm-up run, the least disturbed by other processes on a shared machine."""
     model.eval()
 
     def once():
@@ -123,4 +123,4 @@ def time_inference(model: nn.Module, inputs: Tensor, samples: list, runs: int = 
         start = time.perf_counter()
         once()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)

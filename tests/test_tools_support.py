@@ -251,3 +251,18 @@ def test_slurm_train_composes_the_srun_command(tmp_path):
     assert args[args.index(sys.executable):] == [sys.executable, '-u', f'{REPO}/tools/train.py', 'cfg.py',
                                                  '--work-dir=work', '--launcher=slurm', '--cfg-options', 'a=1',
                                                  'MASTER_PORT=29601']
+
+
+def test_pretraining_batch_check_runs_before_training(capsys):
+    from mmengine.config import Config
+    from norm_plugins.pretrained import PretrainingBatchMismatchWarning
+    from norm_plugins.runner.config_setup import check_pretrained_backbones
+    cfg = Config.fromfile(str(REPO / 'configs/mask_rcnn/mask-rcnn_r50-sn8x32-mismatched_fpn_sn-all_8xb2-2x_coco.py'))
+    with pytest.warns(PretrainingBatchMismatchWarning):
+        check_pretrained_backbones(cfg)
+    assert ('model.backbone loads norm_plugins://resnet50_sn_8x32: pretrained with 32 images per GPU, '
+            'finetuning with 2 (differs)') in capsys.readouterr().out
+    cfg.model.backbone.depth = 101
+    with pytest.raises(ToolError) as info:
+        check_pretrained_backbones(cfg)
+    assert '\n' not in str(info.value) and 'depth' in str(info.value)

@@ -80,13 +80,6 @@ def ws_unbiased_std(weight, eps=1e-5):
     return ((flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + eps)).view_as(weight)
 
 
-def ws_paper(weight, eps=1e-5):
-    """WS paper Eq. 7: (W - mean) / sqrt(biased var + eps)."""
-    flat = weight.flatten(1)
-    centred = flat - flat.mean(1, keepdim=True)
-    return (centred / (centred.pow(2).mean(1, keepdim=True) + eps).sqrt()).view_as(weight)
-
-
 def ws_bcn_code(weight, eps=1e-5):
     """The BCN authors' imagenet code: (W - mean) / sqrt(unbiased var + eps)."""
     flat = weight.flatten(1)

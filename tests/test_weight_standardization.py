@@ -23,6 +23,8 @@ def reference_standardize(weight, formula, eps=EPS):
         squares = sum((v - mu) ** 2 for v in values)
         if formula == 'paper':
             denom = math.sqrt(squares / count + eps)
+        elif formula == 'bcn':
+            denom = math.sqrt(squares / (count - 1) + eps)
         else:
             denom = math.sqrt(squares / (count - 1)) + eps
         out[o] = torch.tensor([(v - mu) / denom for v in values], dtype=torch.float64).view(weight[o].shape)
@@ -32,7 +34,7 @@ def reference_standardize(weight, formula, eps=EPS):
 CONVS = {1: (WSConv1d, F.conv1d, nn.Conv1d), 2: (WSConv2d, F.conv2d, nn.Conv2d), 3: (WSConv3d, F.conv3d, nn.Conv3d)}
 
 
-@pytest.mark.parametrize('formula', ['paper', 'convws'])
+@pytest.mark.parametrize('formula', ['paper', 'convws', 'bcn'])
 @pytest.mark.parametrize('dims', [1, 2, 3])
 def test_matches_reference(dims, formula):
     torch.manual_seed(0)
@@ -53,7 +55,7 @@ def test_standardized_weight_has_zero_mean_unit_variance():
         1, correction=0) + EPS))
 
 
-@pytest.mark.parametrize('formula', ['paper', 'convws'])
+@pytest.mark.parametrize('formula', ['paper', 'convws', 'bcn'])
 @pytest.mark.parametrize('dims', [1, 2, 3])
 def test_gradcheck_float64(dims, formula):
     torch.manual_seed(0)
@@ -63,7 +65,7 @@ def test_gradcheck_float64(dims, formula):
     assert torch.autograd.gradcheck(lambda x, w, b: layer(x), (x, layer.weight, layer.bias))
 
 
-@pytest.mark.parametrize('formula', ['paper', 'convws'])
+@pytest.mark.parametrize('formula', ['paper', 'convws', 'bcn'])
 def test_constant_filter_is_finite(formula):
     layer = WSConv2d(3, 2, 3, padding=1, formula=formula)
     with torch.no_grad():

@@ -7,9 +7,10 @@ I = in_channels / groups * prod(kernel_size) entries j; gradients flow through t
 
     formula='paper' (Eq. 7):   W_hat_ij = (W_ij - mean_i) / sqrt(var_i + eps),       var biased
     formula='convws':          W_hat_ij = (W_ij - mean_i) / (std_i + eps),           std unbiased
+    formula='bcn':             W_hat_ij = (W_ij - mean_i) / sqrt(var_i + eps),       var unbiased
 
 'convws' is the authors' released code and mmcv's ``ConvWS``, which the released GN+WS checkpoints
-were trained with. 'paper' keeps a constant filter finite (it maps to 0 with finite gradients);
+were trained with; 'bcn' is the authors' BCN ImageNet code, which trained the BCN+WS checkpoints. 'paper' keeps a constant filter finite (it maps to 0 with finite gradients);
 'convws' does too here because std is taken of the variance clamped at a tiny positive value,
 which changes the forward by at most 1e-15.
 """
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FORMULAS = ('paper', 'convws')
+FORMULAS = ('paper', 'convws', 'bcn')
 # Smallest variance whose square root is taken in 'convws' mode: sqrt is not differentiable at 0.
 _TINY_VAR = 1e-30
 
@@ -31,6 +32,9 @@ def standardize_weight(weight: Tensor, eps: float = 1e-5, formula: str = 'paper'
     elif formula == 'convws':
         var, mean = torch.var_mean(flat, dim=1, keepdim=True, correction=1)
         standardized = (flat - mean) / (var.clamp(min=_TINY_VAR).sqrt() + eps)
+    elif formula == 'bcn':
+        var, mean = torch.var_mean(flat, dim=1, keepdim=True, correction=1)
+        standardized = (flat - mean) * (var + eps).rsqrt()
     else:
         raise ValueError(f'unknown weight standardization formula {formula!r}; choose from {FORMULAS}')
     return standardized.view_as(weight)
@@ -46,7 +50,8 @@ class _WSConvMixin:
         name = type(self).__name__
         if formula not in FORMULAS:
             raise ValueError(f"{name}: unknown formula {formula!r}; choose 'paper' (Eq. 7 of the paper, "
-                             "default) or 'convws' (the authors' code and mmcv ConvWS).")
+                             "default), 'convws' (the authors' GN+WS code and mmcv ConvWS) or 'bcn' "
+                             "(the authors' BCN code).")
         if not eps > 0:
             raise ValueError(f'{name}: eps must be > 0 (it keeps a constant filter finite), got {eps}')
         if self.weight[0].numel() == 1:
@@ -82,7 +87,7 @@ class _WSConvMixin:
 class WSConv1d(_WSConvMixin, nn.Conv1d):
     """``nn.Conv1d`` with Weight Standardization, ``conv_cfg=dict(type='WSConv1d')``.
 
-    Args: as ``nn.Conv1d``, plus ``eps`` (1e-5) and ``formula`` ('paper' or 'convws', see module doc).
+    Args: as ``nn.Conv1d``, plus ``eps`` (1e-5) and ``formula`` ('paper', 'convws' or 'bcn', see module doc).
     """
     _plain_conv = nn.Conv1d
 
@@ -90,7 +95,7 @@ class WSConv1d(_WSConvMixin, nn.Conv1d):
 class WSConv2d(_WSConvMixin, nn.Conv2d):
     """``nn.Conv2d`` with Weight Standardization, ``conv_cfg=dict(type='WSConv')`` (or 'WSConv2d').
 
-    Args: as ``nn.Conv2d``, plus ``eps`` (1e-5) and ``formula`` ('paper' or 'convws', see module doc).
+    Args: as ``nn.Conv2d``, plus ``eps`` (1e-5) and ``formula`` ('paper', 'convws' or 'bcn', see module doc).
     """
     _plain_conv = nn.Conv2d
 
@@ -98,6 +103,6 @@ class WSConv2d(_WSConvMixin, nn.Conv2d):
 class WSConv3d(_WSConvMixin, nn.Conv3d):
     """``nn.Conv3d`` with Weight Standardization, ``conv_cfg=dict(type='WSConv3d')``.
 
-    Args: as ``nn.Conv3d``, plus ``eps`` (1e-5) and ``formula`` ('paper' or 'convws', see module doc).
+    Args: as ``nn.Conv3d``, plus ``eps`` (1e-5) and ``formula`` ('paper', 'convws' or 'bcn', see module doc).
     """
     _plain_conv = nn.Conv3d

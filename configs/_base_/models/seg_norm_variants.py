@@ -17,10 +17,10 @@ gn_ws_model = dict(
     decode_head=dict(conv_cfg=gn_ws_conv_cfg, norm_cfg=gn_ws_norm_cfg),
     auxiliary_head=dict(conv_cfg=gn_ws_conv_cfg, norm_cfg=gn_ws_norm_cfg))
 
-# Micro-batch BCN (update rate = learning rate, via BCNUpdateRateHook) + WS with the 'paper' formula,
-# as the manifest entry of the authors' ResNet-50 BCN+WS backbone.
+# Micro-batch BCN (update rate = learning rate, via BCNUpdateRateHook) + WS with the authors' BCN
+# formula 'bcn', as the manifest entry of their ResNet-50 BCN+WS backbone.
 bcn_ws_norm_cfg = dict(_delete_=True, type='BCN', num_groups=32, estimate=True)
-bcn_ws_conv_cfg = dict(type='WSConv', formula='paper')
+bcn_ws_conv_cfg = dict(type='WSConv', formula='bcn')
 bcn_ws_model = dict(
     backbone=dict(
         conv_cfg=bcn_ws_conv_cfg, norm_cfg=bcn_ws_norm_cfg,

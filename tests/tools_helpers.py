@@ -28,7 +28,8 @@ def tiny_options(config: Path, data_root: Path, max_iters: int = 4, checkpoint_i
     """--cfg-options for a few iterations on ``data_root``, without validation during training."""
     root = f'{data_root}/'
     options = [f'train_cfg.max_iters={max_iters}', f'train_cfg.val_interval={max_iters + 1}',
-               f'train_dataloader.batch_size={batch_size}', 'val_dataloader.batch_size=2', 'test_dataloader.batch_size=2',
+               f'train_dataloader.batch_size={batch_size}', 'val_dataloader.batch_size=2',
+               'test_dataloader.batch_size=2',
                'default_hooks.logger.interval=1', f'default_hooks.checkpoint.interval={checkpoint_interval}',
                'default_hooks.checkpoint.max_keep_ckpts=-1',
                'randomness.seed=0', f'randomness.deterministic={deterministic}']

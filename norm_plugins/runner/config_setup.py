@@ -1,10 +1,9 @@
 """Turning command-line flags into an mmengine config, with one-line errors for missing inputs."""
 import os.path as osp
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from mmengine.config import Config
-from mmengine.logging import print_log
 
 from ..demo.shapes import META_FILE
 from ..data_root import DataRootNotFoundError, check_data_root
@@ -92,19 +91,21 @@ def _shapes_root(cfg: Config, phases: Tuple[str, ...]) -> Optional[str]:
     return None
 
 
-def check_pretrained_backbones(cfg: Config) -> None:
+def check_pretrained_backbones(cfg: Config) -> List[str]:
     """The pretraining/finetuning batch check of every ``norm_plugins://`` backbone, before building.
 
-    A backbone that cannot hold its checkpoint, or a checkpoint that is missing, stops the run
-    with a one-line error; a batch-size mismatch is a warning (the papers' finding is that it
-    degrades results, not that it cannot work). Each comparison is logged.
+    A backbone that cannot hold its checkpoint stops the run with a one-line error; a batch-size
+    mismatch is a warning (the papers' finding is that it degrades results, not that it cannot
+    work). Returns one line per comparison, for the run's log.
     """
     try:
         comparisons = check_pretrained_config(cfg)
     except PretrainedError as error:
         raise ToolError(' '.join(line.strip() for line in str(error).splitlines())) from None
+    lines = []
     for c in comparisons:
         pretrain = 'unknown' if c.pretrain_images_per_gpu is None else c.pretrain_images_per_gpu
         verdict = ('matches' if c.matches else 'differs') if c.uses_batch_statistics else 'batch-independent norm'
-        print_log(f'{c.where} loads {SCHEME}{c.name}: pretrained with {pretrain} images per GPU, finetuning '
-                  f'with {c.finetune_images_per_gpu} ({verdict})', logger='current')
+        lines.append(f'{c.where} loads {SCHEME}{c.name}: pretrained with {pretrain} images per GPU, finetuning '
+                     f'with {c.finetune_images_per_gpu} ({verdict})')
+    return lines

@@ -17,7 +17,7 @@ from mmengine.runner import Runner
 
 from .checkpoint_safety import mmengine_checkpoint_globals
 from .config_setup import (apply_train_flags, check_checkpoint, check_dataset, check_pretrained_backbones,
-                           load_config)
+                           default_work_dir, load_config)
 from .cpu_distributed import init_cpu_process_group
 from .errors import ToolError
 from .layer_summary import describe_layers
@@ -68,17 +68,24 @@ def build_runner(cfg) -> Runner:
     return runner
 
 
+def _add_rng_state_hook(cfg) -> None:
+    """Every run saves torch's random state in its checkpoints, so that ``--resume`` continues exactly."""
+    hooks = [h for h in cfg.get('custom_hooks', []) if h.get('type') != 'TorchRNGStateHook']
+    cfg.custom_hooks = hooks + [dict(type='TorchRNGStateHook')]
+
+
 def train(argv: Optional[List[str]] = None) -> Runner:
     args = train_parser().parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     cfg = load_config(args.config, args.cfg_options)
     apply_train_flags(cfg, args.config, args.work_dir, args.amp, args.resume, args.launcher)
     check_dataset(cfg, ('train', 'val'))
-    check_pretrained_backbones(cfg)
-    cfg.custom_hooks = [h for h in cfg.get('custom_hooks', []) if h.get('type') != 'TorchRNGStateHook']
-    cfg.custom_hooks.append(dict(type='TorchRNGStateHook'))
+    batch_check = check_pretrained_backbones(cfg)
+    _add_rng_state_hook(cfg)
     _setup_launcher(cfg, args.launcher)
     runner = build_runner(cfg)
+    for line in batch_check:
+        runner.logger.info(line)
     with mmengine_checkpoint_globals():
         runner.train()
     return runner
@@ -91,8 +98,7 @@ def test(argv: Optional[List[str]] = None) -> dict:
     cfg.launcher = args.launcher
     check_checkpoint(args.checkpoint, 'checkpoint argument',
                      'pass a .pth file written by tools/train.py, e.g. work_dirs/<config name>/iter_<N>.pth')
-    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
-        './work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or default_work_dir(args.config)
     cfg.load_from = args.checkpoint
     check_dataset(cfg, ('test',))
     _setup_launcher(cfg, args.launcher)

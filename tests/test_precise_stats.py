@@ -60,8 +60,9 @@ def test_batch_average_equals_direct_computation_and_network_stays_frozen():
             h2 = model[3](F.relu(_sn_train_output(sn, h1)))
             bcn_stats.append((h2.mean((0, 2, 3)), h2.var((0, 2, 3), unbiased=True)))  # BCN stores it unbiased
     for layer, stats in ((sn, sn_stats), (bcn, bcn_stats)):
-        torch.testing.assert_close(layer.running_mean, torch.stack([s[0] for s in stats]).mean(0), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(layer.running_var, torch.stack([s[1] for s in stats]).mean(0), rtol=1e-12, atol=1e-12)
+        expected_mean, expected_var = (torch.stack([s[i] for s in stats]).mean(0) for i in (0, 1))
+        torch.testing.assert_close(layer.running_mean, expected_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer.running_var, expected_var, rtol=1e-12, atol=1e-12)
         assert int(layer.num_batches_tracked) == 4 and layer.momentum == 0.1
     state = model.state_dict()
     untouched = [k for k in state if not k.startswith(('1.running', '1.num_batches', '4.running', '4.num_batches'))]
@@ -87,7 +88,8 @@ def _distributed_average(rank, world_size):
     conv = nn.Conv2d(2, 3, 1).double()
     local, synced = nn.Sequential(conv, SwitchableNorm(3)).double(), nn.Sequential(conv, SyncSwitchableNorm(3)).double()
     # Unequal batches: rank r holds r + 2 images per step.
-    batches = {(r, k): torch.randn(r + 2, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(10 * r + k))
+    batches = {(r, k): torch.randn(r + 2, 2, 3, 3, dtype=torch.float64,
+                                   generator=torch.Generator().manual_seed(10 * r + k))
                for r in range(world_size) for k in range(3)}
     mine = [batches[rank, k] for k in range(3)]
     recompute_batch_stats(local, mine, 3)

@@ -51,11 +51,9 @@ def build_model(config, checkpoint: Optional[str] = None, cfg_options: Optional[
     if scope is None:
         raise ValueError('the config sets no default_scope; inherit an mmdet or mmseg base config or set '
                          "default_scope = 'mmdet' or 'mmseg'")
-    model_cfg = cfg.model.copy()
-    # Weights come from the checkpoint: no pretrained download.
-    model_cfg.get('backbone', {}).pop('init_cfg', None)
+    # Building does not initialize weights (no pretrained download): they come from the checkpoint.
     with DefaultScope.overwrite_default_scope(scope):
-        model = MODELS.build(model_cfg)
+        model = MODELS.build(cfg.model)
     if checkpoint is not None:
         with mmengine_checkpoint_globals():
             load_checkpoint(model, checkpoint, map_location='cpu', strict=True, revise_keys=[(r'^module\.', '')])

@@ -148,7 +148,8 @@ def _fmt(ratios: Tensor) -> str:
     return '/'.join(f'{float(r):.3f}' for r in ratios)
 
 
-def compare_ratios(first: Sequence[LayerRatios], second: Sequence[LayerRatios]) -> List[Tuple[LayerRatios, float, float]]:
+def compare_ratios(first: Sequence[LayerRatios],
+                   second: Sequence[LayerRatios]) -> List[Tuple[LayerRatios, float, float]]:
     """Per layer present in both: ``(layer of first, D(mean_1 || mean_2), D(var_1 || var_2))``.
 
     Raises:

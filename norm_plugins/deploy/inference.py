@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 
 
-def synthetic_batch(model: nn.Module, height: int, width: int, batch_size: int = 1, seed: int = 0) -> Tuple[Tensor, list]:
+def synthetic_batch(model: nn.Module, height: int, width: int, batch_size: int = 1,
+                    seed: int = 0) -> Tuple[Tensor, list]:
     """A normalized random image batch and its data samples (mmdet/mmseg meta info) for ``model``."""
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(batch_size, 3, height, width, generator=generator)

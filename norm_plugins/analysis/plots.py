@@ -97,9 +97,9 @@ def plot_divergence(rows: Sequence[Tuple[LayerRatios, float, float]], prefix: st
     ax.set_ylabel('symmetric KL divergence')
     _mark_groups(ax, layers, top * 1.01, top * 0.08)
     _layer_axis(ax, layers)
-    ax.legend(loc='upper right', fontsize=8)
+    ax.legend(loc='lower right', bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8)
     if title:
-        ax.set_title(title, pad=14)
+        ax.set_title(title, pad=22, loc='left')
     return _save(fig, prefix)
 
 

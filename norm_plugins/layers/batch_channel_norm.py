@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..ops.batch_channel_norm_fn import (BatchChannelNormFunction, batch_sums, coefficients_from_batch,
                                          coefficients_from_constants, moments)
 from ..ops.distributed import all_reduce_sum_, sync_group
+from .validation import check_group_size, check_norm_args, check_norm_input
 
 
 class BatchChannelNorm(nn.Module):
@@ -78,27 +79,19 @@ class BatchChannelNorm(nn.Module):
                  group_size: Optional[int] = None):
         super().__init__()
         name = type(self).__name__
-        if not isinstance(num_features, int) or num_features <= 0:
-            raise ValueError(f'{name}: num_features must be a positive int, got {num_features!r}')
+        check_norm_args(name, num_features, eps, momentum)
         if not isinstance(num_groups, int) or num_groups <= 0:
             raise ValueError(f'{name}: num_groups must be a positive int, got {num_groups!r}')
         if num_features % num_groups:
             raise ValueError(f'{name}: num_groups={num_groups} does not divide num_features={num_features}; '
                              f'choose num_groups among the divisors of {num_features} '
                              '(e.g. norm_cfg=dict(type=\'BCN\', num_groups=...)).')
-        if not eps > 0:
-            raise ValueError(f'{name}: eps must be > 0 (it keeps 1/sqrt(var + eps) finite), got {eps}')
-        if momentum is not None and not 0 <= momentum <= 1:
-            raise ValueError(f'{name}: momentum must be in [0, 1] (PyTorch convention: weight of the '
-                             f'new batch) or None for a cumulative average, got {momentum}')
         if not isinstance(estimate, bool):
             raise ValueError(f'{name}: estimate must be True (micro batch, Algorithm 1) or False '
                              f'(large batch), got {estimate!r}')
         if sync is not None and not isinstance(sync, bool):
             raise ValueError(f'{name}: sync must be True, False or None (default per mode), got {sync!r}')
-        if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
-            raise ValueError(f'{name}: group_size must be a positive int or None (whole world), '
-                             f'got {group_size!r}')
+        check_group_size(name, group_size)
         _check_update_rate(name, update_rate)
         self.num_features = num_features
         self.num_groups = num_groups
@@ -198,20 +191,8 @@ class BatchChannelNorm(nn.Module):
     def _process_group(self):
         return sync_group(self.group_size) if self.sync else None
 
-    def _check_input(self, x: Tensor) -> None:
-        name = type(self).__name__
-        if x.dim() not in (3, 4, 5):
-            raise ValueError(f'{name} expects an (N, C, L), (N, C, H, W) or (N, C, D, H, W) input, got '
-                             f'shape {tuple(x.shape)}; flatten extra dims or add a spatial dim.')
-        if x.shape[1] != self.num_features:
-            raise ValueError(f'{name} was built for {self.num_features} channels but the input has '
-                             f'{x.shape[1]} (shape {tuple(x.shape)}); set num_features to the '
-                             'channel count of the layer before it.')
-        if any(s == 0 for s in x.shape[2:]):
-            raise ValueError(f'{name} got an input with no spatial positions, shape {tuple(x.shape)}')
-
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
+        check_norm_input(type(self).__name__, x, self.num_features)
         low_precision = x.dtype in (torch.float16, torch.bfloat16)
         # Statistics in float32 under AMP: the variances of low-precision activations lose too much.
         with torch.autocast(x.device.type, enabled=False):

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..ops.distributed import sync_group
 from ..ops.switchable_norm_fn import SwitchableNormFunction
+from .validation import check_group_size, check_norm_args, check_norm_input
 
 NORMALIZERS = ('in', 'ln', 'bn')
 # Logit of the normalizers a hard ratio vector drops: next to a 0 logit its softmax is exactly 0
@@ -63,13 +64,7 @@ class SwitchableNorm(nn.Module):
                  zero_init: bool = False, unbiased_instance_var: bool = False, hard_ratios: bool = False):
         super().__init__()
         name = type(self).__name__
-        if not isinstance(num_features, int) or num_features <= 0:
-            raise ValueError(f'{name}: num_features must be a positive int, got {num_features!r}')
-        if not eps > 0:
-            raise ValueError(f'{name}: eps must be > 0 (it keeps 1/sqrt(var + eps) finite), got {eps}')
-        if momentum is not None and not 0 <= momentum <= 1:
-            raise ValueError(f'{name}: momentum must be in [0, 1] (PyTorch convention: weight of the '
-                             f'new batch) or None for a cumulative average, got {momentum}')
+        check_norm_args(name, num_features, eps, momentum)
         self.normalizers = _canonical_normalizers(name, normalizers)
         self.num_features = num_features
         self.eps = eps
@@ -168,24 +163,8 @@ class SwitchableNorm(nn.Module):
         """None: batch statistics of this process only (SyncSN overrides)."""
         return None
 
-    @staticmethod
-    def _spatial_size(x: Tensor) -> int:
-        return math.prod(x.shape[2:])
-
-    def _check_input(self, x: Tensor) -> None:
-        name = type(self).__name__
-        if x.dim() not in (3, 4, 5):
-            raise ValueError(f'{name} expects an (N, C, L), (N, C, H, W) or (N, C, D, H, W) input, got '
-                             f'shape {tuple(x.shape)}; flatten extra dims or add a spatial dim.')
-        if x.shape[1] != self.num_features:
-            raise ValueError(f'{name} was built for {self.num_features} channels but the input has '
-                             f'{x.shape[1]} (shape {tuple(x.shape)}); set num_features to the '
-                             'channel count of the layer before it.')
-        if self._spatial_size(x) == 0:
-            raise ValueError(f'{name} got an input with no spatial positions, shape {tuple(x.shape)}')
-
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
+        check_norm_input(type(self).__name__, x, self.num_features)
         uses_bn = 'bn' in self.normalizers
         use_batch_stats = uses_bn and (self.training or not self.track_running_stats)
         momentum = 0.0
@@ -197,7 +176,7 @@ class SwitchableNorm(nn.Module):
         var_ratio = mean_ratio if self.tied else self._full_ratios(self.var_weight)
         n, c = x.shape[:2]
         y = SwitchableNormFunction.apply(
-            x.reshape(n, c, self._spatial_size(x)), self.weight, self.bias, mean_ratio, var_ratio,
+            x.reshape(n, c, math.prod(x.shape[2:])), self.weight, self.bias, mean_ratio, var_ratio,
             self.running_mean, self.running_var, use_batch_stats, momentum, self.eps, self.unbiased_instance_var,
             self._process_group() if use_batch_stats else None)
         return y.view(x.shape)
@@ -224,9 +203,7 @@ class SyncSwitchableNorm(SwitchableNorm):
     """
 
     def __init__(self, num_features: int, group_size: Optional[int] = None, **kwargs):
-        if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
-            raise ValueError(f'SyncSwitchableNorm: group_size must be a positive int or None (whole '
-                             f'world), got {group_size!r}')
+        check_group_size(type(self).__name__, group_size)
         super().__init__(num_features, **kwargs)
         self.group_size = group_size
 

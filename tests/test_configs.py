@@ -145,9 +145,8 @@ def test_pretrained_backbone(recipe):
     for ref in pretrained_references(cfg.model):  # check_pretrained_config checked the layers fit
         entry_formula = (get_entry(ref.name).conv_cfg or {}).get('formula')
         assert entry_formula == (cfg.model.backbone.get('conv_cfg') or {}).get('formula')
-    if norm in ('sn', 'syncsn'):
-        mismatched = [w for w in caught if issubclass(w.category, PretrainingBatchMismatchWarning)]
-        assert bool(mismatched) == ('mismatched' in recipe)
+    mismatched = [w for w in caught if issubclass(w.category, PretrainingBatchMismatchWarning)]
+    assert bool(mismatched) == ('mismatched' in recipe)
 
 
 @pytest.mark.parametrize('recipe, same_as', sorted(SAME_MODEL_AS.items()))

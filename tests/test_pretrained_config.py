@@ -102,6 +102,18 @@ def test_batch_independent_backbones_are_not_warned_about(home, tmp_path):
     assert not result.matches and not result.uses_batch_statistics
 
 
+@pytest.mark.parametrize('estimate', [True, False])
+def test_micro_batch_bcn_finetuning_is_not_warned_about(home, tmp_path, estimate):
+    """Algorithm 1 is the BCN paper's way to finetune a large-batch backbone at 2 images per GPU."""
+    cfg = _faster_rcnn(tmp_path, 'resnet50_bcn_ws', batch_size=2,
+                       norm=f"dict(type='BCN', num_groups=32, estimate={estimate})")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        (result,) = check_pretraining_batch(cfg)
+    warned = [w for w in caught if issubclass(w.category, PretrainingBatchMismatchWarning)]
+    assert result.uses_batch_statistics == bool(warned) == (not estimate)
+
+
 def test_mmseg_resnetv1c_config_is_refused(home, tmp_path):
     cfg = _config(tmp_path, f"""
 _base_ = 'mmseg::deeplabv3/deeplabv3_r50-d8_4xb2-40k_cityscapes-512x1024.py'

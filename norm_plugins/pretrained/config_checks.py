@@ -165,7 +165,10 @@ def check_pretraining_batch(cfg: Config) -> List[BatchComparison]:
 
     ``train_dataloader.batch_size`` is per GPU in mmengine. For entries whose norms use batch
     statistics (SN with 'bn', BCN) a difference, or an unknown pretraining batch, is warned about
-    with :class:`PretrainingBatchMismatchWarning`; GN (+WS) and SN without 'bn' do not depend on it.
+    with :class:`PretrainingBatchMismatchWarning`; GN (+WS) and SN without 'bn' do not depend on it,
+    nor does a module finetuned with micro-batch BCN (``estimate=True``): Algorithm 1 estimates the
+    batch statistics across steps, the BCN paper's way of finetuning large-batch models at 1-2
+    images per GPU.
 
     Returns:
         one :class:`BatchComparison` per ``norm_plugins://`` reference, in config order.
@@ -177,7 +180,8 @@ def check_pretraining_batch(cfg: Config) -> List[BatchComparison]:
     results = []
     for ref in references:
         entry = get_entry(ref.name)
-        result = BatchComparison(ref.where, entry.name, finetune, entry.images_per_gpu, entry.uses_batch_statistics)
+        depends = entry.uses_batch_statistics and not _micro_batch_bcn(ref.module_cfg)
+        result = BatchComparison(ref.where, entry.name, finetune, entry.images_per_gpu, depends)
         results.append(result)
         if not result.uses_batch_statistics or result.matches:
             continue
@@ -197,6 +201,11 @@ def check_pretraining_batch(cfg: Config) -> List[BatchComparison]:
                       f'train_dataloader.batch_size is {finetune} images per GPU. ' + _FINDING + advice,
                       PretrainingBatchMismatchWarning, stacklevel=2)
     return results
+
+
+def _micro_batch_bcn(module_cfg: Dict[str, Any]) -> bool:
+    norm_cfg = module_cfg.get('norm_cfg') or {}
+    return norm_cfg.get('type') == 'BCN' and bool(norm_cfg.get('estimate', False))
 
 
 def check_pretrained_config(cfg: Config) -> List[BatchComparison]:

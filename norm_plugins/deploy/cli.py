@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
                    help='synthetic input size for the check, the timing and the ONNX export')
     p.add_argument('--tolerance', type=float, default=1e-5, help='largest allowed eval output difference (float64)')
     p.add_argument('--benchmark', type=int, default=0, metavar='RUNS',
-                   help='time full inference (best of RUNS after a warm-up) before and after deployment')
+                   help='time full inference before and after deployment (best of RUNS, taking turns, after a warm-up)')
     p.add_argument('--onnx', help='also export the deployed backbone+neck (extract_feat) to this ONNX file and '
                                   'check it with onnxruntime')
     p.add_argument('--device', default='cpu', help='device to run on (cpu, cuda)')
@@ -72,8 +72,7 @@ def main(argv: Optional[List[str]] = None) -> nn.Module:
         raise ToolError(f'the deployed model differs from the original by {exact:.3g} > --tolerance '
                         f'{args.tolerance:g} in float64; nothing saved')
     if args.benchmark:
-        before = time_inference(reference, inputs, samples, args.benchmark)
-        after = time_inference(model, inputs, samples, args.benchmark)
+        before, after = time_inference([reference, model], inputs, samples, args.benchmark)
         print(f'inference ({args.device}, best of {args.benchmark}, {torch.get_num_threads()} threads): '
               f'{before * 1000:.1f} ms -> {after * 1000:.1f} ms, speedup {before / after:.2f}x')
     if args.onnx:

@@ -107,21 +107,25 @@ def max_difference(first: List[Tensor], second: List[Tensor]) -> float:
 
 
 @torch.no_grad()
-def time_inference(model: nn.Module, inputs: Tensor, samples: list, runs: int = 5) -> float:
-    """Seconds of one full inference (``predict`` for mmengine models): the fastest of ``runs`` after
-    a warm-up run, the least disturbed by other processes on a shared machine."""
-    model.eval()
+def time_inference(models: List[nn.Module], inputs: Tensor, samples: list, runs: int = 5) -> List[float]:
+    """Seconds of one full inference (``predict`` for mmengine models) of each model: the fastest of
+    ``runs`` after a warm-up run. The models take turns, so load from other processes on a shared
+    machine affects them alike, and the fastest run is the least disturbed one."""
+    for model in models:
+        model.eval()
 
-    def once():
+    def once(model):
         if samples:
             model(inputs, copy.deepcopy(samples), mode='predict')
         else:
             model(inputs)
 
-    once()
-    times = []
+    for model in models:
+        once(model)
+    best = [float('inf')] * len(models)
     for _ in range(runs):
-        start = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for i, model in enumerate(models):
+            start = time.perf_counter()
+            once(model)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best

@@ -8,10 +8,12 @@ from ..analysis.precise_stats import FORWARD_MODES, recompute_batch_stats
 
 
 class PreciseStatsHook(Hook):
-    """Before each validation (and with ``on_test=True`` each test), recompute the running statistics of SN,
-    SyncSN and large-batch BCN as the average over ``num_batches`` training batches with the network
-    frozen (:func:`~norm_plugins.analysis.recompute_batch_stats`), so validation and the checkpoints
-    saved after it use batch averages instead of moving averages.
+    """Before each validation (and with ``on_test=True`` each test), recompute the running statistics
+    of SN, SyncSN and large-batch BCN as the average over ``num_batches`` training batches with the
+    network frozen (:func:`~norm_plugins.analysis.recompute_batch_stats`), so validation uses batch
+    averages instead of moving averages. Training then continues its moving averages from them.
+    Interval checkpoints are written before the validation of their iteration (``save_best`` ones
+    after it); ``tools/precise_stats.py`` turns a final checkpoint into a batch-average one.
 
     Batches come from a separate loader built from the config's ``train_dataloader`` (without
     persistent workers), so the training loop's own data order is untouched; successive validations

@@ -199,7 +199,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, chunk: int = 512)
     correct = sum(int((model(images[i:i + chunk]).argmax(1) == labels[i:i + chunk]).sum())
                   for i in range(0, len(labels), chunk))
     model.train()
-    return 100.0 * correct / len(labels)
+    return round(100.0 * correct / len(labels), 4)
 
 
 def plan(setting: ClassificationSetting) -> List[Tuple[str, int, int]]:
@@ -226,14 +226,10 @@ def run_classification(setting: ClassificationSetting, results_path: str) -> Lis
     """Run every run of ``setting`` (appending one JSON line per run to ``results_path``) and return them."""
     setting.check()
     open(results_path, 'w').close()
-    args = (_as_plain(setting), results_path)
+    args = (asdict(setting), results_path)
     if setting.processes > 1:
         run_distributed(_worker, setting.processes, *args)
     else:
         _worker(0, 1, *args)
     with open(results_path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def _as_plain(setting: ClassificationSetting) -> dict:
-    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in asdict(setting).items()}

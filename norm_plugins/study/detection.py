@@ -109,7 +109,8 @@ def train_one(setting: DetectionSetting, normalizer: str, seed: int, work_dir: s
         metrics = runner.val()
     return dict(task='detection', normalizer=normalizer, images_per_process=setting.images_per_process,
                 processes=1, seed=seed, steps=setting.iters, images=setting.iters * setting.images_per_process,
-                bbox_mAP=100 * float(metrics['coco/bbox_mAP']), bbox_mAP_50=100 * float(metrics['coco/bbox_mAP_50']),
+                bbox_mAP=round(100 * float(metrics['coco/bbox_mAP']), 2),
+                bbox_mAP_50=round(100 * float(metrics['coco/bbox_mAP_50']), 2),
                 train_seconds=round(seconds, 2), work_dir=work_dir)
 
 

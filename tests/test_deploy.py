@@ -158,12 +158,14 @@ def test_deploy_tool_on_the_demo_mask_rcnn(tmp_path):
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, checkpoint)
     out = tmp_path / 'deployed.pth'
     result = subprocess.run([sys.executable, 'tools/deploy.py', config, str(checkpoint), '--harden', '--input-size',
-                             '64', '64', '--benchmark', '1', '--out', str(out)], cwd=REPO, capture_output=True,
-                            text=True)
+                             '64', '64', '--benchmark', '1', '--out', str(out), '--onnx', str(tmp_path / 'feat.onnx')],
+                            cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'when converted in float64' in result.stdout and 'speedup' in result.stdout
     exact = float(result.stdout.split('difference on a 64x64 input: ')[1].split(' ')[0])
     assert exact <= 1e-10
+    onnx_difference = float(result.stdout.split('largest onnxruntime difference: ')[1].split()[0])
+    assert onnx_difference < 1e-4  # float32 backbone+neck features of magnitude ~10
     deployed = torch.load(out, weights_only=False)
     assert not any(isinstance(m, SwitchableNorm) for m in deployed.modules())
     soft = subprocess.run([sys.executable, 'tools/deploy.py', config, str(checkpoint), '--tolerance', '-1'],

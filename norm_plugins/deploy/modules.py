@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.switchable_norm_fn import _instance_moments
+from ..ops.moments import instance_moments
 
 
 def _per_channel(t: Tensor, x: Tensor) -> Tensor:
@@ -58,7 +58,7 @@ class SelectedNorm(nn.Module):
         out = None
         if {self.mean_source, self.var_source} & {'in', 'ln'}:
             # One pass for the instance moments; its normalized copy is reused as the output buffer.
-            mu_in, var_in, out = _instance_moments(x3)
+            mu_in, var_in, out = instance_moments(x3)
             spatial = x3.shape[2]
             if self.unbiased_instance_var and spatial > 1:
                 var_in = var_in * (spatial / (spatial - 1))

@@ -35,9 +35,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.batch_channel_norm_fn import (BatchChannelNormFunction, batch_sums, coefficients_from_batch,
-                                         coefficients_from_constants, moments)
+from ..ops.batch_channel_norm_fn import (BatchChannelNormFunction, coefficients_from_batch,
+                                         coefficients_from_constants)
 from ..ops.distributed import all_reduce_sum_, sync_group
+from ..ops.moments import batch_sums, instance_moments
 from .validation import check_group_size, check_norm_args, check_norm_input
 
 
@@ -199,7 +200,7 @@ class BatchChannelNorm(nn.Module):
             xs = x.float() if low_precision else x
             x3 = xs.reshape(xs.shape[0], xs.shape[1], xs.shape[2:].numel())
             with torch.no_grad():
-                m, v, buffer = moments(x3)
+                m, v, buffer = instance_moments(x3)
             coefficients, params = self._coefficients(m, v, x3.shape[2])
             with torch.no_grad():
                 scale, shift, batch = coefficients(m, v, *params)

@@ -21,15 +21,7 @@ import torch
 from torch import Tensor
 
 from .distributed import all_reduce_sum
-from .switchable_norm_fn import _instance_moments
-
-
-def moments(x: Tensor):
-    """Per-(n, c) mean and biased variance of ``x`` (N, C, L) in one pass, and a spare (N, C, L) buffer."""
-    if x.shape[0] == 0:  # a rank without samples still joins the synchronized statistics
-        empty = x.new_zeros(x.shape[:2])
-        return empty, empty, torch.empty_like(x)
-    return _instance_moments(x)
+from .moments import batch_sums, moments_from_sums
 
 
 def _group_coefficients(m: Tensor, v: Tensor, a: Tensor, b: Tensor, group_weight: Optional[Tensor],
@@ -62,17 +54,6 @@ def coefficients_from_constants(m: Tensor, v: Tensor, mean: Tensor, var: Tensor,
     return _group_coefficients(m, v, a, b, group_weight, group_bias, groups, eps) + (None,)
 
 
-def batch_sums(m: Tensor, v: Tensor, spatial: int, centre: Optional[Tensor] = None) -> Tensor:
-    """Per-channel ``[sum x (C), sum (x - centre)^2 (C), count (1)]`` in float64, from (N, C) moments.
-
-    Summable over ranks; float64 keeps ``E[x^2] - E[x]^2`` at float32 accuracy.
-    """
-    m64 = m.double()
-    offset = m64 if centre is None else m64 - centre.double()
-    return torch.cat([m64.sum(0) * spatial, (v.double() + offset * offset).sum(0) * spatial,
-                      m64.new_full((1,), float(m.shape[0] * spatial))])
-
-
 def coefficients_from_batch(m: Tensor, v: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                             group_weight: Optional[Tensor], group_bias: Optional[Tensor], *, spatial: int,
                             groups: int, eps: float, group):
@@ -80,12 +61,8 @@ def coefficients_from_batch(m: Tensor, v: Tensor, weight: Optional[Tensor], bias
 
     The third result is ``(mean, var, count)`` of the (global) batch, for the running statistics.
     """
-    channels = m.shape[1]
     sums = all_reduce_sum(batch_sums(m, v, spatial), group)
-    total = sums[-1].clamp(min=1)
-    mean = sums[:channels] / total
-    var = (sums[channels:2 * channels] / total - mean * mean).clamp(min=0)
-    mean, var = mean.to(m.dtype), var.to(m.dtype)
+    mean, var = moments_from_sums(sums, m.dtype)
     scale, shift, _ = coefficients_from_constants(m, v, mean, var, weight, bias, group_weight, group_bias,
                                                   groups=groups, eps=eps)
     return scale, shift, (mean, var, sums[-1])

@@ -23,49 +23,11 @@ import torch
 from torch import Tensor
 
 from .distributed import all_reduce_sum_
+from .moments import batch_sums, instance_moments, moments_from_sums
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# Keeps 1 / sqrt(var + eps) finite for constant rows while leaving any real variance intact.
-_TINY = 1e-30
-
-
-def _instance_moments(xs: Tensor):
-    """Mean and biased variance of every row xs[n, c, :], plus a free (N, C, L) buffer.
-
-    The layer-norm kernel computes both moments in one vectorized Welford pass (accurate for large
-    means, unlike E[x^2] - E[x]^2, and several times faster than ``var_mean`` on CPU). The
-    normalized copy it also writes is reused as the output buffer: on CPU a fresh allocation of an
-    activation costs more than the arithmetic on it.
-    """
-    buffer, mean, rstd = torch.native_layer_norm(xs, xs.shape[2:], None, None, _TINY)
-    var = (rstd.double().pow(-2) - _TINY).clamp(min=0).to(xs.dtype)
-    # The buffer is returned as is, never as a view: autograd forbids in-place ops (an inplace
-    # ReLU after the norm) on views created inside a custom Function.
-    return mean.squeeze(2), var.squeeze(2), buffer
-
-
-def _batch_moments(mu_in: Tensor, var_in: Tensor, spatial: int, group):
-    """Per-channel element count, mean and variance over (N, L), summed over ``group``'s ranks.
-
-    Sums are taken in float64 so ``E[x^2] - E[x]^2`` keeps float32 accuracy, and each rank is
-    weighted by its element count, so ranks may hold different (or zero) batch sizes.
-    """
-    channels = mu_in.shape[1]
-    mu64 = mu_in.double()
-    sums = torch.cat([
-        mu64.sum(0) * spatial,
-        (var_in.double() + mu64 * mu64).sum(0) * spatial,
-        mu64.new_full((1,), mu_in.shape[0] * spatial),
-    ])
-    all_reduce_sum_(sums, group)
-    count = sums[-1].clamp(min=1)
-    mean = sums[:channels] / count
-    var = (sums[channels:2 * channels] / count - mean * mean).clamp(min=0)
-    return count, mean.to(mu_in.dtype), var.to(mu_in.dtype)
 
 
 class SwitchableNormFunction(torch.autograd.Function):
@@ -78,7 +40,7 @@ class SwitchableNormFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             n, c, spatial = x.shape
             xs = x.to(acc)
-            mu_in, var_in, buffer = _instance_moments(xs)
+            mu_in, var_in, buffer = instance_moments(xs)
             k = spatial / (spatial - 1) if unbiased and spatial > 1 else 1.0
             if k != 1.0:
                 var_in = var_in * k
@@ -87,7 +49,9 @@ class SwitchableNormFunction(torch.autograd.Function):
 
             count = None
             if use_batch_stats:
-                count, mu_bn, var_bn = _batch_moments(mu_in, var_in, spatial, group)
+                sums = all_reduce_sum_(batch_sums(mu_in, var_in, spatial), group)
+                mu_bn, var_bn = moments_from_sums(sums, acc)
+                count = sums[-1].clamp(min=1)
                 if running_mean is not None:
                     running_mean.lerp_(mu_bn.to(running_mean.dtype), momentum)
                     running_var.lerp_(var_bn.to(running_var.dtype), momentum)

@@ -8,7 +8,8 @@ import textwrap
 import pytest
 import torch
 
-from tools_helpers import (FASTER_RCNN, PSPNET, REPO, make_tiny_shapes, free_port, run_tool, tiny_options,
+from norm_plugins.testing import free_port
+from tools_helpers import (FASTER_RCNN, PSPNET, REPO, make_tiny_shapes, run_tool, tiny_options,
                            tool_env)
 
 pytestmark = [pytest.mark.slow,

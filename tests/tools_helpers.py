@@ -1,7 +1,6 @@
 """Shared pieces of the tools tests: a tiny shapes dataset, --cfg-options that shrink the demo
 configs to a few iterations, and running the scripts as a user would (fresh processes)."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +59,3 @@ def run_tool(args: List[str], cwd: Path, env: Optional[Dict[str, str]] = None,
     return result
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]

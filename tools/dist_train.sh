@@ -11,8 +11,4 @@ CONFIG=$1
 GPUS=$2
 shift 2
 require_count NUM_PROCESSES "$GPUS" "$USAGE"
-exec "$PYTHON" -m torch.distributed.run \
-  --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
-  --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${PORT:-29500}" \
-  --nproc_per_node="$GPUS" \
-  "$ROOT/tools/train.py" "$CONFIG" --launcher pytorch "$@"
+torchrun_exec "$GPUS" "$ROOT/tools/train.py" "$CONFIG" --launcher pytorch "$@"

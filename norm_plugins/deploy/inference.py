@@ -120,12 +120,19 @@ def time_inference(models: List[nn.Module], inputs: Tensor, samples: list, runs:
         else:
             model(inputs)
 
+    def sync():
+        # CUDA kernels run asynchronously: without a barrier the clock stops before they finish.
+        if inputs.device.type == 'cuda':
+            torch.cuda.synchronize(inputs.device)
+
     for model in models:
         once(model)
     best = [float('inf')] * len(models)
     for _ in range(runs):
         for i, model in enumerate(models):
+            sync()
             start = time.perf_counter()
             once(model)
+            sync()
             best[i] = min(best[i], time.perf_counter() - start)
     return best

@@ -12,7 +12,7 @@ Hard ratios (the SN paper's sparse SN): :meth:`SwitchableNorm.harden` fixes each
 the one-hot vector of its largest entry and stops training it.
 """
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +149,12 @@ class SwitchableNorm(nn.Module):
         if len(self.normalizers) == len(NORMALIZERS):
             return ratios
         return ratios.new_zeros(len(NORMALIZERS)).index_copy(0, self._ratio_index, ratios)
+
+    def mixture_ratios(self) -> Tuple[Tensor, Tensor]:
+        """The (mean, variance) ratio vectors the layer mixes with, laid out as (IN, LN, BN) with 0
+        for unused normalizers (tied: the same vector twice). They carry gradients to the logits."""
+        mean = self._full_ratios(self.mean_weight)
+        return mean, (mean if self.tied else self._full_ratios(self.var_weight))
 
     def ratios(self) -> Dict[str, Dict[str, Tensor]]:
         """The softmaxed importance ratios: ``{'mean': {'in': r, ...}, 'var': {...}}``."""

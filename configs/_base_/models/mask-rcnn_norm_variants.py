@@ -1,0 +1,49 @@
+# Norm swaps for Mask R-CNN R50-FPN with the 4conv1fc box head: backbone, FPN, box head and mask head (the
+# RPN head has no norm). A recipe applies one with `model = _base_.<name>_model`. Every backbone gets a
+# whole `init_cfg` (`_delete_`): mmdet's Cityscapes config sets it to None.
+#
+# norm_eval=False where SN, SyncSN or BCN train: mmdet's ResNet(norm_eval=True) only freezes _BatchNorm
+# layers, so these train either way; the papers finetune them unfrozen, and the flag says so.
+sn_norm_cfg = dict(type='SN', unbiased_instance_var=True, momentum=0.003)  # the authors' SN (manifest entry)
+sn_model = dict(
+    backbone=dict(
+        norm_cfg=sn_norm_cfg, norm_eval=False,
+        init_cfg=dict(_delete_=True, type='Pretrained', checkpoint='norm_plugins://resnet50_sn_8x2')),
+    neck=dict(norm_cfg=sn_norm_cfg),
+    roi_head=dict(bbox_head=dict(norm_cfg=sn_norm_cfg), mask_head=dict(norm_cfg=sn_norm_cfg)))
+
+# SN whose batch statistics are synchronized over all GPUs (IN and LN stay per image); same backbone.
+syncsn_norm_cfg = dict(type='SyncSN', unbiased_instance_var=True, momentum=0.003)
+syncsn_model = dict(
+    backbone=dict(
+        norm_cfg=syncsn_norm_cfg, norm_eval=False,
+        init_cfg=dict(_delete_=True, type='Pretrained', checkpoint='norm_plugins://resnet50_sn_8x2')),
+    neck=dict(norm_cfg=syncsn_norm_cfg),
+    roi_head=dict(bbox_head=dict(norm_cfg=syncsn_norm_cfg), mask_head=dict(norm_cfg=syncsn_norm_cfg)))
+
+# Micro-batch BCN (Algorithm 1, update rate = learning rate via BCNUpdateRateHook) + WS with the authors'
+# BCN formula 'bcn', as the manifest entry of their ResNet-50 BCN+WS backbone.
+bcn_ws_norm_cfg = dict(type='BCN', num_groups=32, estimate=True)
+bcn_ws_conv_cfg = dict(type='WSConv', formula='bcn')
+bcn_ws_model = dict(
+    backbone=dict(
+        conv_cfg=bcn_ws_conv_cfg, norm_cfg=bcn_ws_norm_cfg, norm_eval=False,
+        init_cfg=dict(_delete_=True, type='Pretrained', checkpoint='norm_plugins://resnet50_bcn_ws')),
+    neck=dict(conv_cfg=bcn_ws_conv_cfg, norm_cfg=bcn_ws_norm_cfg),
+    roi_head=dict(
+        bbox_head=dict(conv_cfg=bcn_ws_conv_cfg, norm_cfg=bcn_ws_norm_cfg),
+        mask_head=dict(conv_cfg=bcn_ws_conv_cfg, norm_cfg=bcn_ws_norm_cfg)))
+bcn_ws_hooks = [dict(type='BCNUpdateRateHook')]
+
+# GN(32) + WS with the authors' formula, which the JHU GN+WS backbone was trained with. GN is no
+# _BatchNorm: mmdet's norm_eval stays as it is.
+gn_ws_norm_cfg = dict(type='GN', num_groups=32, requires_grad=True)
+gn_ws_conv_cfg = dict(type='WSConv', formula='convws')
+gn_ws_model = dict(
+    backbone=dict(
+        conv_cfg=gn_ws_conv_cfg, norm_cfg=gn_ws_norm_cfg,
+        init_cfg=dict(_delete_=True, type='Pretrained', checkpoint='open-mmlab://jhu/resnet50_gn_ws')),
+    neck=dict(conv_cfg=gn_ws_conv_cfg, norm_cfg=gn_ws_norm_cfg),
+    roi_head=dict(
+        bbox_head=dict(conv_cfg=gn_ws_conv_cfg, norm_cfg=gn_ws_norm_cfg),
+        mask_head=dict(conv_cfg=gn_ws_conv_cfg, norm_cfg=gn_ws_norm_cfg)))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.distributed import sync_group
+from ..ops.recompute import is_recomputing
 from ..ops.switchable_norm_fn import SwitchableNormFunction
 from .validation import check_group_size, check_norm_args, check_norm_input
 
@@ -169,23 +170,45 @@ class SwitchableNorm(nn.Module):
         """None: batch statistics of this process only (SyncSN overrides)."""
         return None
 
+    def _uses_batch_moments(self) -> bool:
+        """Whether BN statistics enter the output: 'bn' is a normalizer and, once hardened, selected.
+
+        A hardened layer whose BN ratios are exactly 0 computes no batch moments (SyncSN does not
+        all-reduce) and leaves its running statistics alone. The selection is read from the logits
+        once per change (their version counter), not at every call: reading a device tensor on the
+        host would synchronize the GPU.
+        """
+        if 'bn' not in self.normalizers:
+            return False
+        if not self.hard_ratios:
+            return True
+        logits = tuple(self._mixture_logits().values())
+        key = tuple((t.data_ptr(), t._version) for t in logits)
+        if getattr(self, '_selection_key', None) != key:
+            bn = self.normalizers.index('bn')
+            self._bn_selected = any(int(t.argmax()) == bn for t in logits)
+            self._selection_key = key
+        return self._bn_selected
+
     def forward(self, x: Tensor) -> Tensor:
         check_norm_input(type(self).__name__, x, self.num_features)
-        uses_bn = 'bn' in self.normalizers
+        uses_bn = self._uses_batch_moments()
         use_batch_stats = uses_bn and (self.training or not self.track_running_stats)
-        momentum = 0.0
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            momentum = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                        else self.momentum)
+        # A checkpoint recomputation must not count the batch twice (see ops/recompute.py).
+        update_stats = use_batch_stats and self.track_running_stats and not is_recomputing()
         mean_ratio = self._full_ratios(self.mean_weight)
         var_ratio = mean_ratio if self.tied else self._full_ratios(self.var_weight)
         n, c = x.shape[:2]
         y = SwitchableNormFunction.apply(
             x.reshape(n, c, math.prod(x.shape[2:])), self.weight, self.bias, mean_ratio, var_ratio,
-            self.running_mean, self.running_var, use_batch_stats, momentum, self.eps, self.unbiased_instance_var,
-            self._process_group() if use_batch_stats else None)
-        return y.view(x.shape)
+            self.running_mean if uses_bn else None, self.running_var if uses_bn else None,
+            self.num_batches_tracked, use_batch_stats, update_stats, self.momentum, self.eps,
+            self.unbiased_instance_var, self._process_group() if use_batch_stats else None)
+        # Not y.view(): a view may not be modified in place once a custom Function returns it, and
+        # torch.utils.checkpoint (a custom Function) returns this output when SN ends a block that
+        # an inplace ReLU follows (mmdet ResNet with_cp=True). _unsafe_view shares y's memory and is
+        # no view to autograd.
+        return torch.ops.aten._unsafe_view(y, x.shape)
 
     def extra_repr(self) -> str:
         return (f'{self.num_features}, normalizers={self.normalizers}, eps={self.eps}, '

@@ -28,17 +28,18 @@ are batch statistics, obtained in one of two ways:
 Both steps together are affine in x per (sample, channel); :mod:`norm_plugins.ops.batch_channel_norm_fn`
 computes them with one statistics pass and one output pass, saving only x for backward.
 """
+import math
 import warnings
-from functools import partial
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..ops.batch_channel_norm_fn import (BatchChannelNormFunction, coefficients_from_batch,
-                                         coefficients_from_constants)
+from ..ops.batch_channel_norm_fn import BatchChannelNormFunction, as_rows
 from ..ops.distributed import all_reduce_sum_, sync_group
-from ..ops.moments import batch_sums, instance_moments
+from ..ops.moments import batch_sums, moments_from_sums
+from ..ops.recompute import is_recomputing
+from ..ops.rowwise import row_moments
 from .validation import check_group_size, check_norm_args, check_norm_input
 
 
@@ -103,9 +104,10 @@ class BatchChannelNorm(nn.Module):
         self.track_running_stats = track_running_stats and not estimate
         self.sync = estimate if sync is None else sync
         self.group_size = group_size
-        # Whether r == 0 has been checked since r was last set: the check reads r back from the
-        # device, which is done once rather than at every forward.
-        self._rate_checked = False
+        # r == 0 is checked where r is set, on the host value; the next training forward warns once.
+        self._warn_zero_rate = estimate and update_rate == 0
+        # Training forwards under no_grad since the last checkpoint recomputation (micro batch).
+        self._no_grad_forwards = 0
 
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features))
@@ -149,8 +151,7 @@ class BatchChannelNorm(nn.Module):
                                'rate; large-batch BCN uses momentum.')
         _check_update_rate(type(self).__name__, rate)
         self.update_rate.fill_(float(rate))
-        if rate == 0:
-            self._rate_checked = False
+        self._warn_zero_rate = rate == 0
 
     @torch.no_grad()
     def init_estimates_from(self, source: nn.Module) -> None:
@@ -185,90 +186,108 @@ class BatchChannelNorm(nn.Module):
             state_dict[prefix + 'estimated_var'] = state_dict.pop(prefix + 'running_var')
             state_dict.pop(prefix + 'num_batches_tracked', None)
             state_dict.setdefault(prefix + 'update_rate', self.update_rate.clone())
-        self._rate_checked = False
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if self.estimate:
+            # Loading is rare: reading r back from the device here spares every forward that sync.
+            self._warn_zero_rate = bool(self.update_rate == 0)
 
     def _process_group(self):
         return sync_group(self.group_size) if self.sync else None
 
     def forward(self, x: Tensor) -> Tensor:
-        check_norm_input(type(self).__name__, x, self.num_features)
-        low_precision = x.dtype in (torch.float16, torch.bfloat16)
-        # Statistics in float32 under AMP: the variances of low-precision activations lose too much.
+        name = type(self).__name__
+        check_norm_input(name, x, self.num_features)
+        batch_stats = not self.estimate and (self.training or not self.track_running_stats)
+        group = self._process_group() if batch_stats or (self.estimate and self.training) else None
+        rows = math.prod(x.shape[2:])
+        if batch_stats and self.training and group is None and x.shape[0] * rows == 1:
+            # As BatchNorm: one value per channel has no batch variance (a shape check, no host sync).
+            raise ValueError(f'{name}(estimate=False) needs more than one value per channel to compute '
+                             f'batch statistics, got {x.shape[0]} sample(s) of {rows} position(s); use '
+                             'estimate=True (micro-batch BCN) for batches this small.')
+        # A checkpointed block's recomputation in backward must not update statistics a second time.
+        update = self.training and not is_recomputing()
         with torch.autocast(x.device.type, enabled=False):
-            xs = x.float() if low_precision else x
-            x3 = xs.reshape(xs.shape[0], xs.shape[1], xs.shape[2:].numel())
             with torch.no_grad():
-                m, v, buffer = instance_moments(x3)
-            coefficients, params = self._coefficients(m, v, x3.shape[2])
-            with torch.no_grad():
-                scale, shift, batch = coefficients(m, v, *params)
-            if batch is not None and self.training and self.track_running_stats:
-                self._update_running_stats(*batch, m.shape[0] * x3.shape[2])
-            y = BatchChannelNormFunction.apply(x3, m, v, scale, shift, buffer, coefficients, *params)
-            y = y.view(x.shape)
-        return y.to(x.dtype) if low_precision else y
+                # Statistics in float32 for half inputs (upcast inside the row pass, x is not copied).
+                m, v = row_moments(as_rows(x))
+                count = None
+                if batch_stats:
+                    sums = all_reduce_sum_(batch_sums(m, v, rows), group)
+                    mean, var = moments_from_sums(sums, sums.dtype)
+                    count = x.shape[0] * rows if group is None else sums[-1]
+                    if update and self.track_running_stats:
+                        self._update_running_stats(mean, var, count)
+                else:
+                    if self.estimate and self.training:
+                        self._check_recomputation(update)
+                        if update:
+                            self._update_estimates(m, v, rows, group)
+                    stats = (self.estimated_mean, self.estimated_var) if self.estimate else \
+                        (self.running_mean, self.running_var)
+                    mean, var = stats
+            return BatchChannelNormFunction.apply(x, m, v, mean, var, count, self.weight, self.bias,
+                                                  self.group_weight, self.group_bias, self.num_groups,
+                                                  self.eps, group)
 
-    def _coefficients(self, m: Tensor, v: Tensor, spatial: int):
-        """The function giving (A, B) of ``y = A x + B`` from (m, v), and the tensors it takes."""
-        dtype = m.dtype
-        affine = ((self.weight.to(dtype), self.bias.to(dtype), self.group_weight.to(dtype),
-                   self.group_bias.to(dtype)) if self.affine else (None,) * 4)
-        if self.estimate or (self.track_running_stats and not self.training):
-            if self.estimate:
-                if self.training:
-                    self._update_estimates(m, v, spatial)
-                mean, var = self.estimated_mean, self.estimated_var
-            else:
-                mean, var = self.running_mean, self.running_var
-            # Copies: constants of this graph, which a later training forward of the same layer
-            # (a head shared across levels) updates in place before this graph's backward.
-            coefficients = partial(coefficients_from_constants, groups=self.num_groups, eps=self.eps)
-            return coefficients, (mean.to(dtype, copy=True), var.to(dtype, copy=True)) + affine
-        group = self._process_group()
-        if group is None and m.shape[0] * spatial <= 1 and self.training:
-            raise ValueError(f'{type(self).__name__}(estimate=False) needs more than one value per '
-                             f'channel to compute batch statistics, got {m.shape[0]} sample(s) of '
-                             f'{spatial} position(s); use estimate=True (micro-batch BCN) for batches '
-                             'this small.')
-        coefficients = partial(coefficients_from_batch, spatial=spatial, groups=self.num_groups, eps=self.eps,
-                               group=group)
-        return coefficients, affine
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var: Tensor, total: Tensor, local_count: int) -> None:
-        count = local_count if self._process_group() is None else float(total)
-        if count <= 1:
-            raise ValueError(f'{type(self).__name__}(estimate=False, sync=True) needs more than one '
-                             f'value per channel over all ranks, got {int(count)}; use estimate=True '
-                             '(micro-batch BCN) for batches this small.')
-        self.num_batches_tracked.add_(1)
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        # Unbiased, as BatchNorm stores it.
-        self.running_var.lerp_((var * (count / (count - 1))).to(self.running_var.dtype), factor)
-
-    @torch.no_grad()
-    def _update_estimates(self, m: Tensor, v: Tensor, spatial: int) -> None:
-        """Steps 1-4 of Algorithm 1 from the per-(n, c) moments, averaged over the synchronized ranks."""
-        if not self._rate_checked:
-            self._rate_checked = True
-            if float(self.update_rate) == 0:
-                warnings.warn(f'{type(self).__name__}(estimate=True) is training with update_rate 0: its '
-                              'estimated mean and variance never move. Set update_rate, or add '
-                              "custom_hooks=[dict(type='BCNUpdateRateHook')] to follow the learning rate.")
-        channels = m.shape[1]
-        sums = batch_sums(m, v, spatial, centre=self.estimated_mean)
-        group = self._process_group()
-        all_reduce_sum_(sums, group)
-        total = float(sums[-1]) if group is not None else m.shape[0] * spatial
-        if total == 0:
+    def _check_recomputation(self, update: bool) -> None:
+        """Micro-batch BCN under a reentrant checkpoint: its recomputed forward normalizes with the
+        current estimates, which are those of the original forward only if no other training forward
+        of this layer ran in between. The original forwards of the reentrant kind run under no_grad;
+        count them (the non-reentrant kind keeps the original forward's constants itself)."""
+        if update:
+            self._no_grad_forwards = 0 if torch.is_grad_enabled() else self._no_grad_forwards + 1
             return
+        forwards, self._no_grad_forwards = self._no_grad_forwards, 0
+        if forwards > 1:
+            raise RuntimeError(
+                f'{type(self).__name__}(estimate=True) ran {forwards} training forwards under no_grad '
+                '(reentrant gradient checkpointing) before this checkpoint recomputation, so it cannot '
+                'tell which estimates the original forward used. Use a separate layer for each use '
+                'within a step, or use_reentrant=False (torch.utils.checkpoint), which keeps them.')
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: Union[int, Tensor]) -> None:
+        """Move the running statistics toward the batch's, on the device (no host synchronization).
+
+        ``count``, the elements per channel, is a host int without synchronization (> 1 by the shape
+        check in forward, or 0: nothing changes), else the all-reduced tensor: a global batch with
+        at most one element per channel leaves the statistics and ``num_batches_tracked`` untouched.
+        """
+        if isinstance(count, int):
+            if count == 0:
+                return
+            valid, correction = None, count / (count - 1)
+        else:
+            valid = count > 1
+            correction = (count / (count - 1).clamp(min=1)).to(var.dtype)
+        self.num_batches_tracked.add_(1 if valid is None else valid.to(self.num_batches_tracked.dtype))
+        for buffer, batch in ((self.running_mean, mean), (self.running_var, var * correction)):  # unbiased var
+            factor = (self.momentum if self.momentum is not None
+                      else self.num_batches_tracked.clamp(min=1).reciprocal().to(buffer.dtype))
+            updated = torch.lerp(buffer, batch.to(buffer.dtype), factor)
+            buffer.copy_(updated if valid is None else torch.where(valid, updated, buffer))
+
+    @torch.no_grad()
+    def _update_estimates(self, m: Tensor, v: Tensor, spatial: int, group) -> None:
+        """Steps 1-4 of Algorithm 1 from the per-(n, c) moments, averaged over the synchronized ranks;
+        a batch empty on every rank leaves the estimates unchanged (masked on the device)."""
+        if self._warn_zero_rate:
+            self._warn_zero_rate = False
+            warnings.warn(f'{type(self).__name__}(estimate=True) is training with update_rate 0: its '
+                          'estimated mean and variance never move. Set update_rate, or add '
+                          "custom_hooks=[dict(type='BCNUpdateRateHook')] to follow the learning rate.")
+        if group is None and m.shape[0] == 0:
+            return
+        channels = m.shape[1]
+        sums = all_reduce_sum_(batch_sums(m, v, spatial, centre=self.estimated_mean), group)
+        total = sums[-1].clamp(min=1)
         mean = sums[:channels] / total
         sq_distance = sums[channels:2 * channels] / total  # from the previous estimated mean
-        self.estimated_mean.lerp_(mean.to(self.estimated_mean.dtype), self.update_rate)
-        self.estimated_var.lerp_(sq_distance.to(self.estimated_var.dtype), self.update_rate)
+        for buffer, batch in ((self.estimated_mean, mean), (self.estimated_var, sq_distance)):
+            updated = torch.lerp(buffer, batch.to(buffer.dtype), self.update_rate.to(buffer.dtype))
+            buffer.copy_(updated if group is None else torch.where(sums[-1] > 0, updated, buffer))
 
     def extra_repr(self) -> str:
         text = (f'{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, '

@@ -1,115 +1,147 @@
-"""Fused Batch-Channel Normalization: one statistics pass and one output pass over x.
+"""Batch-Channel Normalization on the four row-wise passes of :mod:`norm_plugins.ops.rowwise`.
 
-For ``x`` of shape (N, C, L) with per-(n, c) moments ``m``, ``v`` (over L), Eq. 40 is a per-channel
-affine map ``x' = a_c x + b_c`` with ``a = weight / sqrt(var_c + eps)``, ``b = bias - mean_c a``, so the
-moments of x' per (n, c) are ``a m + b`` and ``a^2 v``, and those of each (n, group) follow by the law
-of total variance. The group normalization with its per-group affine (Eq. 42) is then again affine in
-x per (n, c)::
+Rows are ``x[n, c, :]`` of x viewed as (N, C, L), with mean ``m`` and biased variance ``v``. Channel c
+lies in group k of K = C / G channels. Given per-channel statistics ``mean_c``, ``var_c`` (constants:
+running statistics or micro-batch estimates; or the batch's, derived from (m, v) and summed over
+ranks), BCN (Eq. 40, 42) is affine in x per row. With ``u = x - m`` (the row centred on its mean)::
 
-    y = A_nc x + B_nc,   A = gamma_g rstd_ng a_c,   B = gamma_g rstd_ng (b_c - mu_ng) + beta_g
+    a_c   = weight_c / sqrt(var_c + eps)              x' = a_c u + h_nc     (Eq. 40, per row)
+    h_nc  = a_c (m_nc - mean_c) + bias_c              mean of x' over row (n, c)
+    mu_nk = mean_{c in k} h_nc,   hc_nc = h_nc - mu_nk
+    var_nk = mean_{c in k} (a_c^2 v_nc + hc_nc^2)     moments of x' over (n, group k)
+    s_nk  = group_weight_k / sqrt(var_nk + eps)
+    y     = (x - m) * A + B,   A = s a,   B = s hc + group_bias_k                           (Eq. 42)
 
-``A`` and ``B`` are small functions of (m, v) and the parameters (plus, for batch statistics,
-mean_c/var_c derived from m, v, possibly summed over ranks). Forward needs ``m, v`` (one pass) and
-writes y into the buffer the moments kernel leaves (one pass). Backward takes ``sum_l g`` and
-``sum_l g x`` per (n, c) (one pass), obtains the gradients of (m, v) and of the parameters by
-differentiating the small (N, C) graph again, and writes ``dx = g A + x P + Q`` (one pass). Only x
-and (N, C) tensors are saved.
+Every difference of large numbers, ``x - m`` and ``m - mean_c``, is taken before any scaling, so the
+result keeps BatchNorm's precision when |mean| / std is large (``x * A + B`` would cancel).
+
+Backward, from the row sums ``S1 = sum_l g`` and ``S2 = sum_l g u`` (one pass over g and x):
+
+- group normalization of x' (count K L per group): ``T_nk = sum_{c in k} (a S2 + hc S1)`` is dL/ds, so
+  ``d group_bias = sum_n,c S1``, ``d group_weight = sum_n T rstd_nk``, and
+  ``dL/dx' = s g + (x' - mu) p1 + q1`` with ``p1 = -T s rstd_nk^2 / (K L)``,
+  ``q1 = -s sum_{c in k} S1 / (K L)``;
+- its row sums ``E1 = sum_l dL/dx' = s S1 + L (q1 + p1 hc)``,
+  ``E2 = sum_l dL/dx' u = s S2 + p1 a L v`` give ``d bias = sum_n E1``,
+  ``d weight = rstd_c sum_n (E2 + (m - mean_c) E1)``;
+- dx: with constant statistics, ``dx = a dL/dx'``; with batch statistics over ``count`` elements
+  per channel, BatchNorm's backward adds ``-a (F1 + rstd_c (x - mean_c) F2) / count`` with
+  ``F1 = d bias``, ``F2 = d weight / weight`` summed over the synchronized ranks. Both are
+  ``dx = g A + (x - m) P + Q``:
+
+      P = a^2 p1 [- a rstd_c F2 / count],   Q = a (q1 + p1 hc) [- a (F1 + rstd_c (m - mean_c) F2) / count]
+
+Only x (in its own dtype) is saved as a tensor for backward; the (N, C) coefficients are kept on the
+context, so a non-reentrant checkpoint recomputes x but keeps the original forward's constants.
+Double backward is not supported (``once_differentiable`` raises a clear error).
 """
-from typing import Callable, Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from .distributed import all_reduce_sum
-from .moments import batch_sums, moments_from_sums
+from .distributed import all_reduce_sum_
+from .rowwise import row_grad_sums, row_normalize, row_normalize_backward
 
-
-def _group_coefficients(m: Tensor, v: Tensor, a: Tensor, b: Tensor, group_weight: Optional[Tensor],
-                        group_bias: Optional[Tensor], groups: int, eps: float):
-    """(A, B) of ``y = A x + B`` from per-(n, c) moments and the per-channel map ``a x + b``."""
-    n, c = m.shape
-    per_group = c // groups
-    mean_nc = (a * m + b).view(n, groups, per_group)  # moments of x' per (n, c)
-    var_nc = (a * a * v).view(n, groups, per_group)
-    mu = mean_nc.mean(-1, keepdim=True)
-    var = var_nc.mean(-1, keepdim=True) + (mean_nc - mu).square().mean(-1, keepdim=True)
-    rstd = (var + eps).rsqrt()
-    if group_weight is not None:
-        rstd = rstd * group_weight.view(1, groups, 1)
-    scale = rstd.expand(n, groups, per_group).reshape(n, c)
-    shift = (rstd * (b.view(1, groups, per_group) - mu)).reshape(n, c)
-    if group_bias is not None:
-        shift = shift + group_bias.repeat_interleave(per_group)
-    return scale * a, shift
+# The (N, C) coefficient math runs in float64: it costs nothing next to the passes over x, and keeps
+# ``m - mean_c`` exact where |mean| / std is large (the batch mean itself comes from float64 sums).
+COEFFICIENT_DTYPE = torch.float64
 
 
-def coefficients_from_constants(m: Tensor, v: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
-                                bias: Optional[Tensor], group_weight: Optional[Tensor],
-                                group_bias: Optional[Tensor], *, groups: int, eps: float):
-    """Eq. 40 with given per-channel statistics (micro-batch estimates, running statistics)."""
-    a = (var + eps).rsqrt()
-    if weight is not None:
-        a = a * weight
-    b = -mean * a if bias is None else bias - mean * a
-    return _group_coefficients(m, v, a, b, group_weight, group_bias, groups, eps) + (None,)
+def as_rows(x: Tensor) -> Tensor:
+    """x (N, C, *spatial) as (N, C, L) without a copy for NCHW-contiguous and channels-last inputs."""
+    rows = x.flatten(2)
+    n, c, length = rows.shape
+    channels_last = rows.stride(1) == 1 and (length == 1 or rows.stride(2) == c) and \
+        (n == 1 or rows.stride(0) == c * length)
+    return rows if channels_last or rows.is_contiguous() else rows.contiguous()
 
 
-def coefficients_from_batch(m: Tensor, v: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                            group_weight: Optional[Tensor], group_bias: Optional[Tensor], *, spatial: int,
-                            groups: int, eps: float, group):
-    """Eq. 40 with the statistics of the batch, summed over ``group``'s ranks (differentiably).
-
-    The third result is ``(mean, var, count)`` of the (global) batch, for the running statistics.
-    """
-    sums = all_reduce_sum(batch_sums(m, v, spatial), group)
-    mean, var = moments_from_sums(sums, m.dtype)
-    scale, shift, _ = coefficients_from_constants(m, v, mean, var, weight, bias, group_weight, group_bias,
-                                                  groups=groups, eps=eps)
-    return scale, shift, (mean, var, sums[-1])
+def _shaped_like(rows: Tensor, x: Tensor) -> Tensor:
+    """``rows`` (N, C, L) in x's shape, as a tensor of its own rather than a view: autograd forbids
+    in-place ops (an inplace ReLU, ``out += identity``) on views made inside a custom Function or a
+    checkpointed block."""
+    if rows.shape == x.shape:
+        return rows
+    return torch.ops.aten._unsafe_view(rows, x.shape)
 
 
 class BatchChannelNormFunction(torch.autograd.Function):
-    """``y = A(m, v, *params) x + B(m, v, *params)``; see the module docstring.
+    """``y = (x - m) A + B`` and its hand-derived backward; see the module docstring.
 
-    ``m``, ``v`` are the per-(n, c) mean and biased variance of ``x`` (from :func:`moments`, without
-    gradients), ``scale``, ``shift`` = ``coefficients(m, v, *params)`` evaluated in forward; backward
-    differentiates ``coefficients`` again on (N, C) tensors.
+    Args of ``apply``: ``x`` (N, C, *spatial), its row moments ``m``, ``v`` (N, C) and the per-channel
+    statistics ``mean``, ``var`` (C), all in the accumulation dtype; ``count``: ``None`` for
+    constant statistics, else the number of elements per channel they were computed from (a host
+    number, or a device tensor when summed over ``group``'s ranks); the four affine parameters (or
+    ``None``), ``groups``, ``eps`` and the process group (or ``None``) of the batch statistics.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, m: Tensor, v: Tensor, scale: Tensor, shift: Tensor, out: Tensor,
-                coefficients: Callable, *params: Optional[Tensor]) -> Tensor:
-        # ``out``: a spare (N, C, L) buffer from the moments kernel, overwritten with y.
-        y = torch.addcmul(shift.unsqueeze(-1), x, scale.unsqueeze(-1), out=out)
-        ctx.mark_dirty(out)
-        ctx.save_for_backward(x, m, v, *params)
-        ctx.coefficients = coefficients
-        return y
+    def forward(ctx, x: Tensor, m: Tensor, v: Tensor, mean: Tensor, var: Tensor,
+                count: Optional[Union[int, Tensor]], weight: Optional[Tensor], bias: Optional[Tensor],
+                group_weight: Optional[Tensor], group_bias: Optional[Tensor], groups: int, eps: float,
+                group) -> Tensor:
+        n, c = m.shape
+        acc = COEFFICIENT_DTYPE
+        v = v.to(acc)
+        rstd_c = (var.to(acc) + eps).rsqrt()
+        a = rstd_c if weight is None else rstd_c * weight.to(acc)
+        d = m.to(acc) - mean.to(acc)
+        h = a * d if bias is None else torch.addcmul(bias.to(acc), a, d)
+        h3, hv3 = h.view(n, groups, -1), (a * a * v).view(n, groups, -1)
+        hc3 = h3 - h3.mean(-1, keepdim=True)
+        rstd_g = (hv3.mean(-1) + hc3.square().mean(-1) + eps).rsqrt()
+        s = rstd_g if group_weight is None else rstd_g * group_weight.to(acc)
+        scale = s.unsqueeze(-1) * a.view(groups, -1)
+        shift = s.unsqueeze(-1) * hc3
+        if group_bias is not None:
+            shift = shift + group_bias.to(acc).view(groups, 1)
+        y = row_normalize(as_rows(x), m, scale.view(n, c).to(m.dtype), shift.view(n, c).to(m.dtype))
+
+        ctx.save_for_backward(x)
+        ctx.constants = (m, v, rstd_c, a, d, hc3.view(n, c), s, rstd_g, count, groups, group)
+        ctx.param_dtypes = [p.dtype if p is not None else None
+                            for p in (weight, bias, group_weight, group_bias)]
+        return _shaped_like(y, x)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad: Tensor):
-        x, m, v, *params = ctx.saved_tensors
-        wanted = ctx.needs_input_grad[7:]
-        spatial = x.shape[2]
-        g = grad.to(m.dtype)
-        sum_g = g.sum(2)
-        sum_gx = torch.einsum('ncl,ncl->nc', g, x.to(m.dtype))
-        with torch.enable_grad():
-            m_, v_ = m.detach().requires_grad_(), v.detach().requires_grad_()
-            leaves = [p.detach().requires_grad_(w) if p is not None else None for p, w in zip(params, wanted)]
-            scale, shift, _ = ctx.coefficients(m_, v_, *leaves)
-            inputs = [m_, v_] + [p for p in leaves if p is not None and p.requires_grad]
-            grads = torch.autograd.grad((scale, shift), inputs, (sum_gx, sum_g), allow_unused=True)
-        param_grads = iter(grads[2:])
-        d_params = [next(param_grads) if p is not None and p.requires_grad else None for p in leaves]
+        x, = ctx.saved_tensors
+        m, v, rstd_c, a, d, hc, s, rstd_g, count, groups, group = ctx.constants
+        n, c = m.shape
+        x3, g3 = as_rows(x), as_rows(grad)
+        spatial = x3.shape[2]
+        s1, s2 = (t.to(COEFFICIENT_DTYPE) for t in row_grad_sums(g3, x3, m))
+
+        per_group = spatial * (c // groups)
+        t = (a * s2 + hc * s1).view(n, groups, -1).sum(-1)
+        p1 = -t * s * rstd_g.square() / per_group
+        q1 = -s * s1.view(n, groups, -1).sum(-1) / per_group
+        s_c, p1_c, q1_c = (z.repeat_interleave(c // groups, dim=1) for z in (s, p1, q1))
+        e1 = s_c * s1 + spatial * (q1_c + p1_c * hc)
+        e2 = s_c * s2 + spatial * p1_c * a * v
+        d_bias = e1.sum(0)
+        d_xhat = rstd_c * (e2 + d * e1).sum(0)  # dL/d weight, = F2 before the sum over ranks
+
         dx = None
         if ctx.needs_input_grad[0]:
-            d_m, d_v = (torch.zeros_like(m) if d is None else d for d in grads[:2])
-            # m = mean_l x, v = mean_l (x - m)^2: dm/dx = 1/L, dv/dx = 2 (x - m) / L.
-            p = d_v * (2.0 / spatial)
-            q = d_m / spatial - p * m
-            dx = torch.addcmul(q.unsqueeze(-1), x.to(m.dtype), p.unsqueeze(-1))
-            dx.addcmul_(g, scale.detach().unsqueeze(-1))
-            dx = dx.to(x.dtype)
-        return (dx, None, None, None, None, None, None, *d_params)
+            p = a * a * p1_c
+            q = a * (q1_c + p1_c * hc)
+            if count is not None:
+                f = torch.stack([d_bias, d_xhat])
+                all_reduce_sum_(f, group)
+                per_count = count.clamp(min=1).to(f.dtype) if isinstance(count, Tensor) else max(count, 1)
+                f1, f2 = a * f[0] / per_count, a * rstd_c * f[1] / per_count
+                p = p - f2
+                q = q - f1 - d * f2
+            dx = row_normalize_backward(g3, x3, m, *(t.to(m.dtype) for t in (s_c * a, p, q)))
+            dx = _shaped_like(dx, x)
+
+        d_group_weight = (t * rstd_g).sum(0)
+        d_group_bias = s1.view(n, groups, -1).sum((0, 2))
+        grads = [grad.to(dtype) if wanted else None for grad, dtype, wanted in
+                 zip((d_xhat, d_bias, d_group_weight, d_group_bias), ctx.param_dtypes, ctx.needs_input_grad[6:10])]
+        return (dx, None, None, None, None, None, *grads, None, None, None)
+

@@ -25,7 +25,9 @@ from .ratios import collect_ratios, compare_ratios, mean_divergence, ratio_table
 def precise_stats_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description='Batch-average statistics (SN paper Sec. 3): recompute the BN part '
                                             'of SN/SyncSN and large-batch BCN as the average over K training '
-                                            'batches with the network frozen, and write a new checkpoint.')
+                                            'batches with the network frozen, and write a new checkpoint. Layers '
+                                            'the model keeps in eval while training (frozen_stages, norm_eval) '
+                                            'keep their statistics.')
     p.add_argument('config', help='the training config (its train_dataloader supplies the batches)')
     p.add_argument('checkpoint', help='trained checkpoint (.pth)')
     p.add_argument('--num-batches', type=int, default=200, help='K, training batches per process (default 200)')
@@ -54,6 +56,9 @@ def precise_stats_main(argv: Optional[List[str]] = None) -> str:
             init_cpu_process_group(args.launcher, cfg)
     init_default_scope(cfg.default_scope)
     model = build_model(cfg, args.checkpoint)
+    # Training mode as the model defines it: frozen stages and norm_eval layers stay in eval and
+    # keep their statistics.
+    model.train()
     if torch.cuda.is_available():
         model = model.cuda()
     loader_cfg = copy.deepcopy(cfg.train_dataloader)

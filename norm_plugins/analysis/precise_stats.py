@@ -7,10 +7,13 @@ network with its parameters frozen::
     running_mean = 1/K sum_k mean_k,    running_var = 1/K sum_k var_k
 
 Each layer stores its batch statistics as it does in training (SN: the variance it normalized
-with; BCN: the unbiased variance, like BatchNorm). Only SN, SyncSN and large-batch BCN are
-recomputed; every other module runs in eval mode, so BatchNorm, micro-batch BCN estimates and
-dropout stay as they are. In a distributed run every rank feeds its own K batches (SyncSN and
-synchronized BCN see the global batch) and the averages are then averaged over ranks.
+with; BCN: the unbiased variance, like BatchNorm). Only SN, SyncSN and large-batch BCN that are in
+training mode are recomputed: layers the model keeps in eval mode while training (mmdet/mmseg
+``frozen_stages``, ``norm_eval=True``, anything the user put in eval) would never update their
+statistics in training either, so they keep them. Every other module runs in eval mode, so
+BatchNorm, micro-batch BCN estimates and dropout stay as they are. In a distributed run every rank
+feeds its own K batches (SyncSN and synchronized BCN see the global batch) and the averages are
+then averaged over ranks.
 """
 import itertools
 from typing import Any, Callable, Iterable, List, Optional
@@ -27,12 +30,13 @@ from ..ops.distributed import is_distributed
 FORWARD_MODES = ('loss', 'tensor')
 
 
-def batch_stat_layers(model: nn.Module) -> List[nn.Module]:
+def batch_stat_layers(model: nn.Module, training_only: bool = False) -> List[nn.Module]:
     """The layers whose eval statistics come from batches: SN/SyncSN with running statistics and
-    large-batch BCN with running statistics."""
+    large-batch BCN with running statistics; with ``training_only``, those in training mode."""
     return [m for m in model.modules()
-            if (isinstance(m, SwitchableNorm) and m.track_running_stats)
-            or (isinstance(m, BatchChannelNorm) and not m.estimate and m.track_running_stats)]
+            if ((isinstance(m, SwitchableNorm) and m.track_running_stats)
+                or (isinstance(m, BatchChannelNorm) and not m.estimate and m.track_running_stats))
+            and (m.training or not training_only)]
 
 
 def forward_batch(model: nn.Module, batch: Any, mode: str = 'loss') -> Any:
@@ -49,7 +53,9 @@ def forward_batch(model: nn.Module, batch: Any, mode: str = 'loss') -> Any:
 @torch.no_grad()
 def recompute_batch_stats(model: nn.Module, batches: Iterable, num_batches: int, mode: str = 'loss',
                           forward: Optional[Callable[[nn.Module, Any], Any]] = None) -> int:
-    """Replace the running statistics of every :func:`batch_stat_layers` layer by their batch average.
+    """Replace the running statistics of every :func:`batch_stat_layers` layer in training mode by
+    their batch average. Layers in eval mode (frozen stages, ``norm_eval``) keep their statistics and
+    normalize with them while the others are recomputed, as in training.
 
     Args:
         model: the model (a DDP/MMDistributedDataParallel wrapper is unwrapped).
@@ -62,7 +68,7 @@ def recompute_batch_stats(model: nn.Module, batches: Iterable, num_batches: int,
         The number of layers recomputed. Training flags and momenta are restored afterwards.
 
     Raises:
-        ValueError: no such layer, ``num_batches < 1``, or fewer batches than asked for.
+        ValueError: no such layer in training mode, ``num_batches < 1``, or fewer batches than asked for.
     """
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f'num_batches must be a positive int, got {num_batches!r}')
@@ -70,8 +76,11 @@ def recompute_batch_stats(model: nn.Module, batches: Iterable, num_batches: int,
         raise ValueError(f'mode must be one of {FORWARD_MODES}, got {mode!r}')
     if is_model_wrapper(model):
         model = model.module
-    layers = batch_stat_layers(model)
+    layers = batch_stat_layers(model, training_only=True)
     if not layers:
+        if batch_stat_layers(model):
+            raise ValueError('every SN, SyncSN and large-batch BCN of the model is in eval mode (frozen), so '
+                             'none is recomputed; call model.train() first (frozen stages stay in eval)')
         raise ValueError('the model has no SN, SyncSN or large-batch BCN with running statistics; batch-average '
                          "statistics apply to norm_cfg=dict(type='SN'|'SyncSN') or dict(type='BCN', estimate=False)")
     run = forward or (lambda m, batch: forward_batch(m, batch, mode))

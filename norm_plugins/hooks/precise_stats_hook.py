@@ -1,5 +1,6 @@
 """Batch-average statistics before every validation (SN paper Sec. 3, "Inference")."""
 import copy
+from contextlib import contextmanager
 from typing import Iterator, Optional
 
 from mmengine.hooks import Hook
@@ -14,6 +15,11 @@ class PreciseStatsHook(Hook):
     averages instead of moving averages. Training then continues its moving averages from them.
     Interval checkpoints are written before the validation of their iteration (``save_best`` ones
     after it); ``tools/precise_stats.py`` turns a final checkpoint into a batch-average one.
+
+    Only layers in training mode are recomputed: before validation, those the training loop left
+    in training mode; before a test, those that ``model.train()`` puts in training mode. Layers
+    the model keeps in eval (mmdet/mmseg ``frozen_stages``, ``norm_eval=True``) keep their
+    statistics, e.g. the pretrained ones of a frozen stem and first stage.
 
     Batches come from a separate loader built from the config's ``train_dataloader`` (without
     persistent workers), so the training loop's own data order is untouched; successive validations
@@ -69,7 +75,22 @@ class PreciseStatsHook(Hook):
 
     def before_test(self, runner) -> None:
         if self.on_test:
-            self._recompute(runner)
+            # A test starts in whatever mode the last loop left the model (eval after a validation):
+            # recompute the layers that training would update, then restore every flag.
+            with _train_mode(runner.model):
+                self._recompute(runner)
+
+
+@contextmanager
+def _train_mode(model) -> Iterator[None]:
+    """``model.train()`` (which keeps the model's frozen parts in eval) until the block ends."""
+    training = {module: module.training for module in model.modules()}
+    model.train()
+    try:
+        yield
+    finally:
+        for module, flag in training.items():
+            module.training = flag
 
 
 def _endless(loader) -> Iterator:

@@ -11,7 +11,8 @@ model entry has, besides OpenMMLab's ``Name``, ``In Collection``, ``Metadata``, 
 - ``Converted``: the converted file's name and sha256 once known;
 - ``Unknowns``: for every null field, keyed by its dotted path, why it is unknown.
 
-Manifests are read from the repository's ``pretrained_manifests/``, from the folders listed in
+Manifests are read from the bundled folder (:func:`bundled_manifest_dir`: the repository's
+``pretrained_manifests/``, or its copy inside an installed package), from the folders listed in
 ``$NORM_PLUGINS_MANIFESTS`` (``os.pathsep``-separated), and from ``$NORM_PLUGINS_HOME/manifests``
 (where ``tools/register_pretrained.py`` writes).
 """
@@ -33,6 +34,8 @@ REQUIRED_FIELDS = (
     'Architecture.deep_stem', 'Architecture.style', 'Results', 'Weights', 'Source.URLs', 'Source.File',
     'Source.SHA256', 'Source.Key Layout', 'Converted.File', 'Converted.SHA256')
 _REPO_MANIFESTS = Path(__file__).resolve().parents[2] / 'pretrained_manifests'
+# setup.py's build_py copies pretrained_manifests/*.yml here in wheels and regular installs.
+_PACKAGED_MANIFESTS = Path(__file__).resolve().parent / 'manifests'
 
 
 def pretrained_home() -> Path:
@@ -53,10 +56,16 @@ def user_manifest_dir() -> Path:
     return pretrained_home() / 'manifests'
 
 
+def bundled_manifest_dir() -> Path:
+    """The manifests shipped with norm_plugins: ``pretrained_manifests/`` next to the package in a
+    source tree (editable installs included), else the copy installed inside the package."""
+    return _REPO_MANIFESTS if _REPO_MANIFESTS.is_dir() else _PACKAGED_MANIFESTS
+
+
 def manifest_dirs() -> List[Path]:
     """Folders searched for ``*.yml`` manifests, in order (missing folders are skipped)."""
     extra = [Path(p).expanduser() for p in os.environ.get('NORM_PLUGINS_MANIFESTS', '').split(os.pathsep) if p]
-    return [_REPO_MANIFESTS, *extra, user_manifest_dir()]
+    return [bundled_manifest_dir(), *extra, user_manifest_dir()]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from mmengine.registry import DefaultScope
 
 import pretrained_helpers as authors
 from norm_plugins.pretrained import (ConversionError, IncompatibleBackboneError, ManifestError,
-                                     PretrainingBatchMismatchWarning, check_pretrained_config,
+                                     PretrainedSettingsMismatchWarning, PretrainingBatchMismatchWarning,
+                                     check_pretrained_config,
                                      UnknownPretrainedError, check_pretraining_batch, file_sha256, get_entry,
                                      load_pretrained)
 
@@ -130,6 +131,41 @@ model = dict(pretrained='norm_plugins://resnet50_sn_8x2', backbone=dict(norm_cfg
 def test_norm_type_mismatch_is_refused(home, tmp_path):
     cfg = _faster_rcnn(tmp_path, 'resnet50_sn_8x1')
     with pytest.raises(IncompatibleBackboneError, match=r'norm_cfg=.* does not match'):
+        check_pretrained_config(cfg)
+
+
+@pytest.mark.parametrize('name, norm, conv, use', [
+    # GN+WS weights were trained with the authors' (W - mean) / (std + eps); WSConv defaults to 'paper'.
+    ('resnet50_gn_ws', "dict(type='GN', num_groups=32)", dict(type='WSConv'),
+     "Use conv_cfg=dict(type='WSConv', formula='convws')."),
+    # The SN authors' weights divide the instance variance by L - 1.
+    ('resnet50_sn_8x2', "dict(type='SN')", None, "Use norm_cfg=dict(type='SN', unbiased_instance_var=True)."),
+    ('resnet50_sn_8x2', "dict(type='SyncSN', unbiased_instance_var=True, eps=1e-3)", None,
+     "Use norm_cfg=dict(type='SyncSN', unbiased_instance_var=True, eps=1e-05)."),
+    ('resnet50_bcn_ws', "dict(type='BCN', num_groups=32)", dict(type='WSConv', formula='bcn', eps=1e-4),
+     "Use conv_cfg=dict(type='WSConv', formula='bcn', eps=1e-05)."),
+])
+def test_settings_that_change_the_numbers_warn_with_the_cfg_to_use(home, tmp_path, name, norm, conv, use):
+    cfg = _faster_rcnn(tmp_path, name, norm=norm)
+    cfg.model.backbone.conv_cfg = conv
+    with pytest.warns(PretrainedSettingsMismatchWarning) as record:
+        check_pretrained_config(cfg)
+    (message,) = [str(w.message) for w in record if issubclass(w.category, PretrainedSettingsMismatchWarning)]
+    assert message.startswith(f'model.backbone loads norm_plugins://{name}, whose layers were trained with ')
+    assert message.endswith(use)
+
+
+@pytest.mark.parametrize('name, norm, conv', [
+    ('resnet50_gn_ws', "dict(type='GN', num_groups=32, eps=1e-5)", dict(type='WSConv', formula='convws')),
+    ('resnet50_sn_8x2', SN_NORM, None),
+    ('resnet50_sn_8x2', "dict(type='SyncSN', unbiased_instance_var=True, momentum=0.01)", None),
+    ('resnet50_bcn_ws', "dict(type='BCN', num_groups=32, estimate=True)", dict(type='WSConv', formula='bcn')),
+])
+def test_matching_settings_do_not_warn(home, tmp_path, name, norm, conv):
+    cfg = _faster_rcnn(tmp_path, name, norm=norm)
+    cfg.model.backbone.conv_cfg = conv
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', PretrainedSettingsMismatchWarning)
         check_pretrained_config(cfg)
 
 

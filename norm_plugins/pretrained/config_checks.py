@@ -2,16 +2,25 @@
 
 - :func:`check_backbone_fits`: the backbone config can hold the entry's weights (ResNet with a 7x7
   stem, same depth, style, norm and conv types); raises :class:`IncompatibleBackboneError`.
+- :func:`check_layer_settings`: the settings that change what the layers compute without changing
+  the state-dict layout (WS ``formula`` and ``eps``, SN ``unbiased_instance_var``, ``eps``) match
+  the entry's; warns with :class:`PretrainedSettingsMismatchWarning`, naming the cfg to use.
 - :func:`check_pretraining_batch`: the per-GPU finetuning batch matches the entry's images per GPU;
   warns with :class:`PretrainingBatchMismatchWarning`, citing the SN papers' finding.
-- :func:`check_pretrained_config`: both, for every ``norm_plugins://`` reference of a config.
+- :func:`check_pretrained_config`: all three, for every ``norm_plugins://`` reference of a config.
 """
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from mmengine.config import Config
 
+from torch import nn
+
+from ..layers.batch_channel_norm import BatchChannelNorm
+from ..layers.switchable_norm import SwitchableNorm, SyncSwitchableNorm
+from ..layers.weight_standardization import WSConv2d
 from .errors import IncompatibleBackboneError
 from .manifest import SCHEME, PretrainedEntry, get_entry, load_manifests
 
@@ -24,8 +33,25 @@ _FINDING = ('The SN papers (Luo et al.) found that the learned importance ratios
             'would be a best practice for good results. Otherwise, performance may degenerate."')
 
 
+# Per layer type: its class (for the defaults) and the settings that change its outputs but not its
+# state-dict layout. Layout settings (SN normalizers/tied, GN/BCN num_groups, the types) are
+# checked by check_backbone_fits.
+_NUMERIC_SETTINGS = {
+    'SN': (SwitchableNorm, ('eps', 'unbiased_instance_var')),
+    'SyncSN': (SyncSwitchableNorm, ('eps', 'unbiased_instance_var')),
+    'BCN': (BatchChannelNorm, ('eps',)),
+    'GN': (nn.GroupNorm, ('eps',)),
+    'WSConv': (WSConv2d, ('eps', 'formula')),
+}
+
+
 class PretrainingBatchMismatchWarning(UserWarning):
     """The finetuning batch per GPU differs from the pretraining one of a batch-dependent backbone."""
+
+
+class PretrainedSettingsMismatchWarning(UserWarning):
+    """A setting that changes what the layers compute (WS formula, eps, SN's unbiased instance
+    variance) differs from the one the pretrained weights were trained with."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +170,49 @@ def check_backbone_fits(backbone_cfg: Dict[str, Any], entry: PretrainedEntry, wh
         raise IncompatibleBackboneError(prefix + ':\n  - ' + '\n  - '.join(problems))
 
 
+def _setting(layer_cfg: Dict[str, Any], key: str) -> Any:
+    """``layer_cfg[key]``, else the default of the layer type's constructor."""
+    if key in layer_cfg:
+        return layer_cfg[key]
+    layer_class = _NUMERIC_SETTINGS[layer_cfg['type']][0]
+    return inspect.signature(layer_class).parameters[key].default
+
+
+def _cfg_text(layer_cfg: Dict[str, Any]) -> str:
+    return 'dict(' + ', '.join(f'{k}={v!r}' for k, v in layer_cfg.items()) + ')'
+
+
+def check_layer_settings(module_cfg: Dict[str, Any], entry: PretrainedEntry, where: str = 'backbone') -> List[str]:
+    """Warn (:class:`PretrainedSettingsMismatchWarning`) for every setting of the module's ``norm_cfg``
+    and ``conv_cfg`` that changes what a layer computes and differs from the entry's ``Method``
+    (defaults of the layer classes filled in on both sides): the weights would be used with other
+    arithmetic than they were trained with (another WS formula rescales every filter). The warning
+    gives the ``norm_cfg``/``conv_cfg`` to use: the module's own with the entry's values.
+
+    Returns the mismatches as ``'norm_cfg.KEY'``/``'conv_cfg.KEY'``. Layer types the entry does not
+    share with the module are :func:`check_backbone_fits`' concern and are skipped here.
+    """
+    mismatches = []
+    for field, trained in (('norm_cfg', entry.norm_cfg), ('conv_cfg', entry.conv_cfg)):
+        used = dict(module_cfg.get(field) or {})
+        types = (used.get('type'), (trained or {}).get('type'))
+        if not all(t in _NUMERIC_SETTINGS for t in types) or \
+                _NUMERIC_SETTINGS[types[0]][1] != _NUMERIC_SETTINGS[types[1]][1]:
+            continue
+        differ = {key: _setting(trained, key) for key in _NUMERIC_SETTINGS[used['type']][1]
+                  if _setting(used, key) != _setting(trained, key)}
+        if not differ:
+            continue
+        mismatches += [f'{field}.{key}' for key in differ]
+        found = ', '.join(f'{key}={_setting(used, key)!r}' for key in differ)
+        wanted = ', '.join(f'{key}={value!r}' for key, value in differ.items())
+        warnings.warn(f'{where} loads {SCHEME}{entry.name}, whose layers were trained with {wanted}, but its '
+                      f'{field} gives {found}: the pretrained weights would compute other values than they were '
+                      f'trained to. Use {field}={_cfg_text({**used, **differ})}.',
+                      PretrainedSettingsMismatchWarning, stacklevel=2)
+    return mismatches
+
+
 def _batch_size(cfg: Config) -> int:
     loader = cfg.get('train_dataloader')
     batch_size = loader.get('batch_size') if isinstance(loader, dict) else None
@@ -210,11 +279,15 @@ def _micro_batch_bcn(module_cfg: Dict[str, Any]) -> bool:
 
 def check_pretrained_config(cfg: Config) -> List[BatchComparison]:
     """Check every ``norm_plugins://`` reference of ``cfg``: the module fits the weights (raises
-    :class:`IncompatibleBackboneError`), and the finetuning batch matches (warns)."""
+    :class:`IncompatibleBackboneError`), its layers compute what they were trained with (warns, see
+    :func:`check_layer_settings`), and the finetuning batch matches (warns)."""
     for ref in pretrained_references(cfg.get('model') or {}):
-        check_backbone_fits(ref.module_cfg, get_entry(ref.name), ref.where)
+        entry = get_entry(ref.name)
+        check_backbone_fits(ref.module_cfg, entry, ref.where)
+        check_layer_settings(ref.module_cfg, entry, ref.where)
     return check_pretraining_batch(cfg)
 
 
-__all__ = ['BatchComparison', 'PretrainedReference', 'PretrainingBatchMismatchWarning',
-           'check_backbone_fits', 'check_pretrained_config', 'check_pretraining_batch', 'pretrained_references']
+__all__ = ['BatchComparison', 'PretrainedReference', 'PretrainedSettingsMismatchWarning',
+           'PretrainingBatchMismatchWarning', 'check_backbone_fits', 'check_layer_settings',
+           'check_pretrained_config', 'check_pretraining_batch', 'pretrained_references']

@@ -1,0 +1,274 @@
+"""The Triton kernels of the row-wise passes, run on CPU tensors through Triton's interpreter, against
+plain float64 formulas: every shape case (N = 0, N = 1, L = 1, ragged and split rows), NCL and
+channels-last layouts for x and g independently, float32/float16/bfloat16/float64, large offsets."""
+import math
+import os
+
+import pytest
+import torch
+
+# Triton decides at decoration time (when the kernel module is imported) whether @triton.jit builds
+# GPU kernels or interpreted ones, so the variable must be set before that import.
+_saved_interpret = os.environ.get('TRITON_INTERPRET')
+os.environ['TRITON_INTERPRET'] = '1'
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from norm_plugins.ops import rowwise, triton_rowwise  # noqa: E402
+from norm_plugins.ops.triton_rowwise import make_plan  # noqa: E402
+
+if _saved_interpret is None:
+    del os.environ['TRITON_INTERPRET']
+else:
+    os.environ['TRITON_INTERPRET'] = _saved_interpret
+
+HALF_EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    assert isinstance(triton_rowwise._moments_kernel, InterpretedFunction), \
+        'norm_plugins.ops.triton_rowwise was imported before TRITON_INTERPRET=1 was set'
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Fresh float tensors start as NaN, so an element a kernel fails to write cannot pass."""
+    empty_like, new_empty = torch.empty_like, torch.Tensor.new_empty
+
+    def poison(t):
+        return t.fill_(float('nan')) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, 'empty_like', lambda *a, **k: poison(empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, 'new_empty', lambda self, *a, **k: poison(new_empty(self, *a, **k)))
+
+
+def rows(shape, layout, dtype, gen, scale=1.0, offset=0.0):
+    """A random (N, C, L) view of a tensor of ``shape`` (N, C, *spatial) stored NC... ('ncl') or
+    channels-last ('nlc'), as a layer's ``x.reshape(n, c, -1)`` sees it."""
+    n, c = shape[:2]
+    if layout == 'ncl':
+        t = torch.randn(shape, generator=gen, dtype=torch.float64)
+    else:
+        t = torch.randn((n, *shape[2:], c), generator=gen, dtype=torch.float64).movedim(-1, 1)
+    t = (t * scale + offset).to(dtype)
+    x = t.reshape(n, c, math.prod(shape[2:]))
+    assert x.data_ptr() == t.data_ptr(), 'the (N, C, L) view must not copy'
+    if layout == 'nlc' and x.numel() and c > 1 and x.shape[2] > 1:
+        assert x.stride(1) == 1
+    return x
+
+
+def coefficient(n, c, gen, dtype, scale=1.0, offset=0.0):
+    return (torch.randn(n, c, generator=gen, dtype=torch.float64) * scale + offset).to(dtype)
+
+
+def reference(x, g, m, a, b, p, q):
+    """Plain float64 formulas of the four passes."""
+    x, g = x.double(), g.double()
+    m, a, b, p, q = (t.double()[..., None] for t in (m, a, b, p, q))
+    mean = x.mean(2)
+    var = (x - mean[..., None]).square().mean(2)
+    y = (x - m) * a + b
+    sums = (g.sum(2), (g * (x - m)).sum(2))
+    dx = g * a + (x - m) * p + q
+    return (mean, var), y, sums, dx
+
+
+def assert_stats_close(actual, expected, acc, scale):
+    assert actual.dtype == acc and actual.shape == expected.shape
+    tol = 1e-12 if acc == torch.float64 else 1e-5
+    torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol * scale)
+
+
+def assert_tensor_close(actual, expected, like):
+    assert actual.dtype == like.dtype and actual.shape == like.shape
+    assert actual.stride() == like.stride(), 'the output must keep the input\'s layout'
+    if like.dtype in HALF_EPS:
+        # Stores round once (Triton's interpreter may round bfloat16 one ulp off torch): ulp level.
+        eps = HALF_EPS[like.dtype]
+        torch.testing.assert_close(actual.double(), expected, rtol=eps, atol=eps)
+    else:
+        tol = 1e-12 if like.dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol)
+
+
+def run_all(x, g, m, a, b, p, q, plan=None):
+    acc = rowwise.accumulation_dtype(x.dtype)
+    return (triton_rowwise.row_moments_impl(x, plan), triton_rowwise.row_normalize_impl(x, m, a, b, plan),
+            triton_rowwise.row_grad_sums_impl(g, x, m, plan),
+            triton_rowwise.row_normalize_backward_impl(g, x, m, a, p, q, plan), acc)
+
+
+def check_all(shape, x_layout, g_layout, dtype, plan_args=None, offset=0.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = rows(shape, x_layout, dtype, gen, offset=offset)
+    g = rows(shape, g_layout, dtype, gen)
+    n, c, _ = x.shape
+    acc = rowwise.accumulation_dtype(dtype)
+    m = coefficient(n, c, gen, acc, offset=offset)
+    a, b, p, q = (coefficient(n, c, gen, acc) for _ in range(4))
+    plan = None if plan_args is None else make_plan(tuple(x.shape), x.stride(), 132, **plan_args)
+    (mean, var), y, (sum_g, sum_gx), dx, acc = run_all(x, g, m, a, b, p, q, plan)
+    (ref_mean, ref_var), ref_y, (ref_sg, ref_sgx), ref_dx = reference(x, g, m, a, b, p, q)
+    length = x.shape[2]
+    assert_stats_close(mean, ref_mean, acc, 1.0 + abs(offset))
+    assert_stats_close(var, ref_var, acc, 1.0)
+    assert_stats_close(sum_g, ref_sg, acc, math.sqrt(length))
+    assert_stats_close(sum_gx, ref_sgx, acc, length)
+    assert_tensor_close(y, ref_y, x)
+    assert_tensor_close(dx, ref_dx, x)
+
+
+SHAPES = {
+    'ragged': (2, 3, 7, 9),        # L = 63: no tile is full
+    'empty-batch': (0, 3, 4, 5),   # N = 0, as on a SyncSN rank without images
+    'one-sample': (1, 4, 5, 7),
+    'one-pixel': (3, 5, 1, 1),     # L = 1
+    'seq': (2, 6, 40),             # 1D layers: (N, C, L)
+    'volume': (2, 3, 3, 4, 5),     # 3D layers: (N, C, D, H, W)
+    'long': (1, 3, 4500),          # rows longer than a tile: split by the default plan
+}
+LAYOUTS = [('ncl', 'ncl'), ('nlc', 'nlc'), ('ncl', 'nlc'), ('nlc', 'ncl')]
+
+
+@pytest.mark.parametrize('layouts', LAYOUTS, ids='-'.join)
+@pytest.mark.parametrize('case', list(SHAPES))
+def test_float32_shapes_and_layouts(poisoned, case, layouts):
+    check_all(SHAPES[case], *layouts, torch.float32)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize('case', ['ragged', 'one-pixel', 'long'])
+def test_other_dtypes(poisoned, case, dtype):
+    check_all(SHAPES[case], 'nlc', 'ncl', dtype)
+    check_all(SHAPES[case], 'ncl', 'nlc', dtype, seed=1)
+
+
+@pytest.mark.parametrize('plan_args', [
+    dict(split=7, block_l=32),                  # ragged chunks: 300 = 6 x 64 + 36 (last chunk short)
+    dict(split=3, block_l=16, block_c=2),       # channel tiles that overhang C = 3
+    dict(split=100, block_l=64, block_c=4),     # more splits asked for than tiles exist
+    dict(split=2, block_l=512, block_c=4),      # one tile longer than the row
+], ids=str)
+@pytest.mark.parametrize('layouts', LAYOUTS[:3], ids='-'.join)
+def test_forced_split_rows(poisoned, plan_args, layouts):
+    """The two-stage reduction of very long rows (2x64x400x672), exercised on small ones."""
+    check_all((2, 3, 300), *layouts, torch.float32, plan_args)
+
+
+def test_large_offset_keeps_precision(poisoned):
+    """mean / std = 1e4: Welford moments and the centred forms keep float32 precision, where
+    E[x^2] - E[x]^2 or x * A + B would lose about eight digits."""
+    for layouts, plan_args in [(('ncl', 'ncl'), None), (('nlc', 'ncl'), None),
+                               (('ncl', 'nlc'), dict(split=5, block_l=64))]:
+        check_all((2, 3, 30, 41), *layouts, torch.float32, plan_args, offset=1e4)
+    gen = torch.Generator().manual_seed(3)
+    x = rows((2, 3, 30, 41), 'ncl', torch.float32, gen, offset=1e4)
+    _, var = triton_rowwise.row_moments_impl(x)
+    ref = x.double().var(2, correction=0)
+    assert ((var.double() - ref).abs() / ref).max() < 1e-4
+
+
+def test_broadcast_coefficients():
+    """(C,) and (1, C) coefficients broadcast through zero strides, as eval-mode BN statistics."""
+    gen = torch.Generator().manual_seed(4)
+    x = rows((2, 3, 5, 6), 'nlc', torch.float32, gen)
+    m, a = coefficient(1, 3, gen, torch.float32), coefficient(1, 3, gen, torch.float32)[0]
+    b = torch.tensor(0.5)
+    y = triton_rowwise.row_normalize_impl(x, m, a, b)
+    torch.testing.assert_close(y, (x - m[..., None]) * a[:, None] + 0.5, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_names_the_fix():
+    with pytest.raises(ValueError, match='reshape'):
+        triton_rowwise.row_moments_impl(torch.randn(2, 3, 4, 5))
+    with pytest.raises(ValueError, match='same shape'):
+        triton_rowwise.row_grad_sums_impl(torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize('shape', [(2, 64, 400 * 672), (2, 256, 200 * 336), (16, 256, 56 * 56),
+                                   (4, 3, 1), (1, 1, 10**6), (0, 8, 10), (7, 1000, 3)])
+@pytest.mark.parametrize('layout', ['ncl', 'nlc'])
+def test_plan_fills_the_gpu(shape, layout):
+    """The split covers every row exactly once and asks for enough programs to fill 132 SMs."""
+    n, c, length = shape
+    strides = (c * length, length, 1) if layout == 'ncl' else (c * length, 1, c)
+    plan = make_plan(shape, strides, 132)
+    assert plan.chunk % plan.block_l == 0
+    assert (plan.split - 1) * plan.chunk < length <= plan.split * plan.chunk
+    assert plan.block_c * plan.block_l <= triton_rowwise.TILE
+    tiles = math.ceil(length / plan.block_l)
+    programs = n * math.ceil(c / plan.block_c) * plan.split
+    # Whole tiles per chunk may round the split down, never below half the target.
+    assert 2 * programs >= min(4 * 132, n * math.ceil(c / plan.block_c) * tiles) or plan.split == 512
+    if layout == 'nlc' and c > 1 and length > 1:
+        assert plan.block_c > 1, 'channels-last tiles must run along the contiguous channels'
+    if (n, c, length) == (2, 64, 400 * 672):
+        assert plan.split > 1
+
+
+def test_dispatch_from_rowwise(monkeypatch):
+    """rowwise.py's functions reach the kernels with NORM_PLUGINS_BACKEND=triton and agree with the
+    torch path."""
+    gen = torch.Generator().manual_seed(5)
+    x = rows((2, 3, 4, 5), 'nlc', torch.float32, gen)
+    g = rows((2, 3, 4, 5), 'ncl', torch.float32, gen)
+    m, a, b, p, q = (coefficient(2, 3, gen, torch.float32) for _ in range(5))
+    results = {}
+    for backend in ('torch', 'triton'):
+        monkeypatch.setenv('NORM_PLUGINS_BACKEND', backend)
+        results[backend] = (*rowwise.row_moments(x), rowwise.row_normalize(x, m, a, b),
+                            *rowwise.row_grad_sums(g, x, m), rowwise.row_normalize_backward(g, x, m, a, p, q))
+    calls = []
+    monkeypatch.setattr(triton_rowwise, '_grid', lambda *args: calls.append(args) or (0, 0))
+    rowwise.row_moments(x)
+    assert calls, 'NORM_PLUGINS_BACKEND=triton did not launch the kernel'
+    for got, want in zip(results['triton'], results['torch']):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert got.stride() == want.stride()
+
+
+def test_custom_ops_registered():
+    """The four passes are torch.ops.norm_plugins custom ops whose fake implementations agree with
+    the real ones (schema, fake tensors, dispatch)."""
+    gen = torch.Generator().manual_seed(6)
+    x = rows((2, 3, 2, 3), 'nlc', torch.float16, gen)
+    g = rows((2, 3, 2, 3), 'ncl', torch.float16, gen)
+    m, a, b, p, q = (coefficient(2, 3, gen, torch.float32) for _ in range(5))
+    ops = torch.ops.norm_plugins
+    for op, args in [(ops.row_moments, (x,)), (ops.row_normalize, (x, m, a, b)),
+                     (ops.row_grad_sums, (g, x, m)), (ops.row_normalize_backward, (g, x, m, a, p, q))]:
+        torch.library.opcheck(op, args, test_utils=('test_schema', 'test_faketensor'))
+
+
+def test_torch_compile_matches_eager(monkeypatch):
+    """A compiled function calling all four passes runs the kernels (opaque custom ops) and matches
+    eager."""
+    monkeypatch.setenv('NORM_PLUGINS_BACKEND', 'triton')
+    gen = torch.Generator().manual_seed(7)
+    x = rows((2, 3, 4, 5), 'nlc', torch.float32, gen)
+    g = rows((2, 3, 4, 5), 'ncl', torch.float32, gen)
+
+    def norm_step(x, g):
+        mean, var = rowwise.row_moments(x)
+        rstd = (var + 1e-5).rsqrt()
+        y = rowwise.row_normalize(x, mean, rstd, torch.zeros_like(mean))
+        sum_g, sum_gx = rowwise.row_grad_sums(g, x, mean)
+        count = x.shape[2]
+        p = -sum_gx * rstd.pow(3) / count
+        q = -sum_g * rstd / count
+        return y, rowwise.row_normalize_backward(g, x, mean, rstd, p, q)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(norm_step, backend='aot_eager', fullgraph=True)
+    for got, want in zip(compiled(x, g), norm_step(x, g)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert got.stride() == want.stride()
+    # The same function is layer norm over L: check the pair against autograd in float64.
+    xd = x.double().requires_grad_()
+    ref = torch.nn.functional.layer_norm(xd, xd.shape[2:], eps=1e-5)
+    ref.backward(g.double())
+    y, dx = compiled(x, g)
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx.double(), xd.grad, rtol=1e-4, atol=1e-4)

@@ -22,19 +22,31 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from .backend import use_triton
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _kernels():
+    """The Triton kernels, imported on first use: triton is optional."""
+    from . import triton_rowwise
+    return triton_rowwise
+
+
 def row_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Mean and biased variance of every row of ``x``, in the accumulation dtype."""
+    if use_triton(x):
+        return _kernels().row_moments(x)
     var, mean = torch.var_mean(x.to(accumulation_dtype(x.dtype)), dim=2, correction=0)
     return mean, var
 
 
 def row_normalize(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``(x - centre) * scale + shift`` per row, in x's dtype and layout."""
+    if use_triton(x):
+        return _kernels().row_normalize(x, centre, scale, shift)
     xs = x.to(centre.dtype)
     y = (xs - centre.unsqueeze(-1)).mul_(scale.unsqueeze(-1)).add_(shift.unsqueeze(-1))
     return _like(y, x)
@@ -42,6 +54,8 @@ def row_normalize(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor) -> Te
 
 def row_grad_sums(grad: Tensor, x: Tensor, centre: Tensor) -> Tuple[Tensor, Tensor]:
     """``sum_l g`` and ``sum_l g * (x - centre)`` per row, in the accumulation dtype."""
+    if use_triton(x):
+        return _kernels().row_grad_sums(grad, x, centre)
     gs = grad.to(centre.dtype)
     return gs.sum(2), (gs * (x.to(centre.dtype) - centre.unsqueeze(-1))).sum(2)
 
@@ -49,6 +63,8 @@ def row_grad_sums(grad: Tensor, x: Tensor, centre: Tensor) -> Tuple[Tensor, Tens
 def row_normalize_backward(grad: Tensor, x: Tensor, centre: Tensor, a: Tensor, p: Tensor,
                            q: Tensor) -> Tensor:
     """``g * a + (x - centre) * p + q`` per row, in x's dtype and layout."""
+    if use_triton(x):
+        return _kernels().row_normalize_backward(grad, x, centre, a, p, q)
     xc = x.to(centre.dtype) - centre.unsqueeze(-1)
     dx = xc.mul_(p.unsqueeze(-1)).add_(q.unsqueeze(-1)).addcmul_(grad.to(centre.dtype), a.unsqueeze(-1))
     return _like(dx, x)

@@ -13,3 +13,6 @@ model = dict(
     test_cfg=dict(mode='slide', crop_size=crop_size, stride=(513, 513)))
 train_dataloader = dict(batch_size=2)
 optim_wrapper = _base_.norm_no_decay_optim_wrapper
+# Batch-average statistics before every validation, and in the checkpoint saved with it (SN paper Sec. 3,
+# "Inference"): K = 186 batches x 8 GPUs x 2 images = the 2975 training images once. See configs/README.md.
+custom_hooks = [dict(type='PreciseStatsHook', num_batches=186)]

@@ -8,8 +8,9 @@ _base_ = ['mmseg::_base_/models/deeplabv3_r50-d8.py', '../norm_plugins_runtime.p
 norm_cfg = dict(type='SN', unbiased_instance_var=True, momentum=0.003)
 model = dict(
     pretrained=None,
+    # mmseg's norm_eval=False, written out: SN trains its statistics in finetuning, as in the papers.
     backbone=dict(
-        type='ResNet', norm_cfg=norm_cfg,
+        type='ResNet', norm_cfg=norm_cfg, norm_eval=False,
         init_cfg=dict(type='Pretrained', checkpoint='norm_plugins://resnet50_sn_8x2')),
     decode_head=dict(type='PoolNormASPPHead', norm_cfg=norm_cfg, pool_norm_cfg=dict(type='SyncBN')),
     auxiliary_head=dict(norm_cfg=norm_cfg))

@@ -1,10 +1,13 @@
-# Norm swaps for Mask R-CNN R50-FPN with the 4conv1fc box head: backbone, FPN, box head and mask head (the
-# RPN head has no norm). A recipe applies one with `model = _base_.<name>_model`. Every backbone gets a
-# whole `init_cfg` (`_delete_`): mmdet's Cityscapes config sets it to None.
+# Norm swaps for Mask R-CNN R50-FPN with the 4conv1fc box head (COCO and Cityscapes recipes): backbone, FPN,
+# box head and mask head (the RPN head has no norm). A recipe applies one with `model = _base_.<name>_model`.
+# Every backbone gets a whole `init_cfg` (`_delete_`): mmdet's Cityscapes config sets it to None.
 #
 # norm_eval=False where SN, SyncSN or BCN train: mmdet's ResNet(norm_eval=True) only freezes _BatchNorm
-# layers, so these train either way; the papers finetune them unfrozen, and the flag says so.
-sn_norm_cfg = dict(type='SN', unbiased_instance_var=True, momentum=0.003)  # the authors' SN (manifest entry)
+# layers, so these train either way (the SN papers finetune SN unfrozen; BCN's Algorithm 1 updates its
+# estimates at every training step), and the flag says so.
+# The authors' SN, as in the pretrained backbone (its manifest entry): unbiased instance variance,
+# running-statistics momentum 0.003 (0.997 kept).
+sn_norm_cfg = dict(type='SN', unbiased_instance_var=True, momentum=0.003)
 sn_model = dict(
     backbone=dict(
         norm_cfg=sn_norm_cfg, norm_eval=False,

@@ -1,6 +1,9 @@
 # Norm swaps shared by the DeepLabV3 and PSPNet recipes of both datasets. A variant inherits the SN
-# recipe and this file and applies one with `model = _base_.<name>`. `_delete_` replaces the SN dict
-# of the base, whose SN-only keys would otherwise reach GN/BCN. The global-pooling branch keeps SyncBN.
+# recipe and this file and applies one with `model = _base_.<name>_model` (and `custom_hooks =
+# _base_.<name>_hooks` where there is one). `_delete_` replaces the SN dict of the base, whose SN-only
+# keys would otherwise reach GN/BCN. The global-pooling branch keeps SyncBN. SyncSN keeps the SN
+# recipe's norm_eval=False and PreciseStatsHook; GN+WS and BCN+WS replace the hook (GN has no batch
+# statistics; micro-batch BCN normalizes with its Algorithm 1 estimates, which batch averages leave alone).
 syncsn_norm_cfg = dict(type='SyncSN', unbiased_instance_var=True, momentum=0.003)
 syncsn_model = dict(
     backbone=dict(norm_cfg=syncsn_norm_cfg),
@@ -16,6 +19,7 @@ gn_ws_model = dict(
         init_cfg=dict(checkpoint='open-mmlab://jhu/resnet50_gn_ws')),
     decode_head=dict(conv_cfg=gn_ws_conv_cfg, norm_cfg=gn_ws_norm_cfg),
     auxiliary_head=dict(conv_cfg=gn_ws_conv_cfg, norm_cfg=gn_ws_norm_cfg))
+gn_ws_hooks = []
 
 # Micro-batch BCN (update rate = learning rate, via BCNUpdateRateHook) + WS with the authors' BCN
 # formula 'bcn', as the manifest entry of their ResNet-50 BCN+WS backbone.
@@ -23,7 +27,7 @@ bcn_ws_norm_cfg = dict(_delete_=True, type='BCN', num_groups=32, estimate=True)
 bcn_ws_conv_cfg = dict(type='WSConv', formula='bcn')
 bcn_ws_model = dict(
     backbone=dict(
-        conv_cfg=bcn_ws_conv_cfg, norm_cfg=bcn_ws_norm_cfg,
+        conv_cfg=bcn_ws_conv_cfg, norm_cfg=bcn_ws_norm_cfg, norm_eval=False,
         init_cfg=dict(checkpoint='norm_plugins://resnet50_bcn_ws')),
     decode_head=dict(conv_cfg=bcn_ws_conv_cfg, norm_cfg=bcn_ws_norm_cfg),
     auxiliary_head=dict(conv_cfg=bcn_ws_conv_cfg, norm_cfg=bcn_ws_norm_cfg))

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.switchable_norm import NORMALIZERS, SwitchableNorm
@@ -75,19 +74,16 @@ def _stage(parts: Sequence[str]) -> str:
     return match.group(1) if match else 'stem'
 
 
-def _full(ratios: Dict[str, Tensor]) -> Tensor:
-    return torch.stack([ratios.get(k, torch.zeros(())).detach().float().cpu() for k in NORMALIZERS])
+def _layer_ratios(name: str, layer: SwitchableNorm) -> LayerRatios:
+    with torch.no_grad():
+        mean, var = (r.float().cpu() for r in layer.mixture_ratios())
+    return LayerRatios(_strip(name), group_of(name), layer.normalizers, mean, var)
 
 
 def ratios_from_model(model: nn.Module) -> List[LayerRatios]:
     """Every SN/SyncSN of ``model`` in module order."""
-    layers = []
-    for name, module in model.named_modules():
-        if isinstance(module, SwitchableNorm):
-            ratios = module.ratios()
-            layers.append(LayerRatios(_strip(name), group_of(name), module.normalizers, _full(ratios['mean']),
-                                      _full(ratios['var'])))
-    return layers
+    return [_layer_ratios(name, module) for name, module in model.named_modules()
+            if isinstance(module, SwitchableNorm)]
 
 
 # Logit counts of the authors' checkpoints: three (IN, LN, BN), or two without BN (using_bn=False).
@@ -99,22 +95,26 @@ def ratios_from_state_dict(state_dict: Mapping[str, Tensor]) -> List[LayerRatios
 
     Without the model the normalizers are inferred from the number of logits: 3 is (IN, LN, BN),
     2 is (IN, LN) as in the authors' ``using_bn=False`` models. Other subsets need the config.
+    Each layer's ratios are those of an SN holding its logits (tied when it has no ``var_weight``).
     """
     layers = []
     for key, mean_logits in state_dict.items():
         if not (key == 'mean_weight' or key.endswith('.mean_weight')):
             continue
         prefix = key[:-len('mean_weight')]
-        name = _strip(prefix.rstrip('.'))
         normalizers = _NORMALIZERS_BY_COUNT.get(mean_logits.numel())
         if normalizers is None:
             raise ValueError(f'{key} holds {mean_logits.numel()} logits; without the model their normalizers '
                              'are unknown. Pass the training config (--config) so the layers say which '
                              'normalizers they use.')
-        var_logits = state_dict.get(prefix + 'var_weight', mean_logits)  # tied: one vector
-        mean = dict(zip(normalizers, F.softmax(mean_logits.detach().double(), 0).float().unbind()))
-        var = dict(zip(normalizers, F.softmax(var_logits.detach().double(), 0).float().unbind()))
-        layers.append(LayerRatios(name, group_of(name), normalizers, _full(mean), _full(var)))
+        var_logits = state_dict.get(prefix + 'var_weight')
+        layer = SwitchableNorm(1, normalizers=normalizers, tied=var_logits is None, affine=False,
+                               track_running_stats=False).double()
+        with torch.no_grad():
+            layer.mean_weight.copy_(mean_logits)
+            if var_logits is not None:
+                layer.var_weight.copy_(var_logits)
+        layers.append(_layer_ratios(prefix.rstrip('.'), layer))
     return layers
 
 

@@ -5,9 +5,9 @@
   BN for mean and variance is a per-channel affine ``w / sqrt(running_var + eps) * (x - running_mean) + b``,
   folded into the convolution before it where the structure shows one (mmcv ``ConvModule``,
   mmdet/mmseg ResNet blocks' ``conv{i}``/``norm{i}``, consecutive ``nn.Sequential`` children), else a
-  :class:`ChannelAffine`; IN -> ``nn.GroupNorm(C, C)``; LN -> ``nn.GroupNorm(1, C)``; a mean from one
-  normalizer and a variance from another (or the unbiased instance variance) -> :class:`SelectedNorm`.
-  SN with soft ratios stays as it is.
+  :class:`ChannelAffine`; IN -> ``nn.GroupNorm(C, C)``; LN -> ``nn.GroupNorm(1, C)``. A mean from one
+  normalizer and a variance from another (or the unbiased instance variance), which no standard
+  layer computes, and SN with soft ratios stay SN: the layer itself computes its statistics.
 - BCN (eval statistics constant: running statistics or micro-batch estimates) -> its per-channel
   part (Eq. 40) as an affine folded like BN's, then ``nn.GroupNorm(G, C)`` carrying the per-group
   affine repeated over each group's channels.
@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.batch_channel_norm import BatchChannelNorm
-from ..layers.switchable_norm import SwitchableNorm
+from ..layers.switchable_norm import NORMALIZERS, SwitchableNorm
 from ..layers.weight_standardization import _WSConvMixin
-from .modules import ChannelAffine, SelectedNorm
+from .modules import ChannelAffine, eval_affine
 
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -69,24 +69,13 @@ def _fold_affine(conv: nn.Module, scale: Tensor, shift: Tensor) -> bool:
 
 
 def _one_hot_choice(layer: SwitchableNorm) -> Optional[Tuple[str, str]]:
-    ratios = layer.ratios()
+    """(mean normalizer, variance normalizer) of one-hot ratios; None for soft ones."""
     choice = []
-    for which in ('mean', 'var'):
-        values = torch.stack([ratios[which][k] for k in layer.normalizers])
-        if float(values.max()) != 1.0:
+    for ratios in layer.mixture_ratios():
+        if float(ratios.max()) != 1.0:
             return None
-        choice.append(layer.normalizers[int(values.argmax())])
+        choice.append(NORMALIZERS[int(ratios.argmax())])
     return choice[0], choice[1]
-
-
-def _sn_affine(layer: SwitchableNorm) -> Tuple[Tensor, Tensor]:
-    scale = (layer.running_var.double() + layer.eps).rsqrt()
-    if layer.weight is not None:
-        scale = scale * layer.weight.double()
-    shift = -layer.running_mean.double() * scale
-    if layer.bias is not None:
-        shift = shift + layer.bias.double()
-    return scale, shift
 
 
 def _group_norm(groups: int, channels: int, eps: float, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -108,7 +97,7 @@ def _convert_sn(layer: SwitchableNorm, fold) -> Tuple[Optional[nn.Module], str]:
         return None, 'SN kept (BN part uses batch statistics in eval)'
     like = layer.mean_weight
     if choice == ('bn', 'bn'):
-        scale, shift = _sn_affine(layer)
+        scale, shift = eval_affine(layer.running_mean, layer.running_var, layer.eps, layer.weight, layer.bias)
         if fold(scale, shift):
             return nn.Identity(), 'SN(BN) folded into conv'
         return ChannelAffine(scale.to(like.dtype), shift.to(like.dtype)), 'SN(BN) -> ChannelAffine'
@@ -116,9 +105,9 @@ def _convert_sn(layer: SwitchableNorm, fold) -> Tuple[Optional[nn.Module], str]:
         groups = layer.num_features if choice[0] == 'in' else 1
         name = 'GroupNorm(C) (IN)' if choice[0] == 'in' else 'GroupNorm(1) (LN)'
         return _group_norm(groups, layer.num_features, layer.eps, layer.weight, layer.bias, like), f'SN -> {name}'
-    return (SelectedNorm(choice[0], choice[1], layer.eps, layer.weight, layer.bias, layer.running_mean,
-                         layer.running_var, layer.unbiased_instance_var),
-            f'SN -> SelectedNorm(mean {choice[0].upper()}, var {choice[1].upper()})')
+    what = 'unbiased IN' if choice == ('in', 'in') else f'mean {choice[0].upper()}, var {choice[1].upper()}'
+    return None, f'SN kept (hard, {what}: no standard layer)'
+
 
 
 def _convert_bcn(layer: BatchChannelNorm, fold) -> Tuple[Optional[nn.Module], str]:
@@ -128,12 +117,7 @@ def _convert_bcn(layer: BatchChannelNorm, fold) -> Tuple[Optional[nn.Module], st
         mean, var = layer.running_mean, layer.running_var
     else:
         return None, 'BCN kept (uses batch statistics in eval)'
-    scale = (var.double() + layer.eps).rsqrt()
-    if layer.affine:
-        scale = scale * layer.weight.double()
-    shift = -mean.double() * scale
-    if layer.affine:
-        shift = shift + layer.bias.double()
+    scale, shift = eval_affine(mean, var, layer.eps, layer.weight, layer.bias)
     per_group = layer.num_features // layer.num_groups
     weight = bias = None
     if layer.affine:

@@ -11,7 +11,8 @@ from torch import nn
 
 import norm_plugins  # noqa: F401 - registers the layers
 from norm_plugins.analysis import recompute_batch_stats
-from norm_plugins.deploy import ChannelAffine, SelectedNorm, deploy_model
+from norm_plugins.deploy import ChannelAffine, deploy_model
+from norm_plugins.deploy.inference import max_difference, network_outputs
 from norm_plugins.layers import BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv2d
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,15 +82,17 @@ def test_sequential_of_every_choice_matches_and_has_no_plugin_layers():
     # Deployed layers also run with autograd on (e.g. under tracing exporters).
     torch.testing.assert_close(model(x), reference(x).detach(), rtol=1e-5, atol=1e-5)
     assert report == {'WSConv folded': 1, 'SN(BN) folded into conv': 1, 'SN -> GroupNorm(C) (IN)': 1,
-                      'SN -> GroupNorm(1) (LN)': 1, 'SN -> SelectedNorm(mean BN, var IN)': 1,
-                      'SN -> SelectedNorm(mean LN, var BN)': 1, 'SN -> SelectedNorm(mean IN, var IN)': 1,
+                      'SN -> GroupNorm(1) (LN)': 1, 'SN kept (hard, mean BN, var IN: no standard layer)': 1,
+                      'SN kept (hard, mean LN, var BN: no standard layer)': 1,
+                      'SN kept (hard, unbiased IN: no standard layer)': 1,
                       'SN(BN) -> ChannelAffine': 1, 'BCN -> conv fold + GroupNorm': 2,
                       'BCN -> ChannelAffine + GroupNorm': 1}
     kinds = [type(m) for m in model]
     assert kinds[:3] == [nn.Conv2d, nn.Identity, nn.ReLU] and model[0].bias is not None
     assert kinds[4] is nn.GroupNorm and model[4].num_groups == 8 and model[7].num_groups == 1
-    assert isinstance(model[9], SelectedNorm) and isinstance(model[15], ChannelAffine)
-    assert not any(isinstance(m, (SwitchableNorm, BatchChannelNorm, WSConv2d)) for m in model.modules())
+    assert [i for i, m in enumerate(model) if isinstance(m, SwitchableNorm)] == [9, 11, 13]
+    assert isinstance(model[15], ChannelAffine)
+    assert not any(isinstance(m, (BatchChannelNorm, WSConv2d)) for m in model.modules())
 
 
 def test_conv_module_and_3d_inputs():
@@ -142,8 +145,17 @@ def test_mmdet_resnet_with_sn_wsconv_and_bcn_blocks():
             assert report == {'BCN -> conv fold + GroupNorm': 20}  # all follow a conv: stem, 8x2 in blocks, 3 shortcuts
 
 
+def _leaves(output):
+    if isinstance(output, torch.Tensor):
+        return [output]
+    assert isinstance(output, (list, tuple)), type(output)
+    return [t for item in output for t in _leaves(item)]
+
+
 @pytest.mark.slow
 def test_deploy_tool_on_the_demo_mask_rcnn(tmp_path):
+    from mmdet.structures import DetDataSample
+
     from norm_plugins.analysis.model_io import build_model
     config = os.path.join(REPO, 'configs/demo/mask-rcnn_r18-sn_fpn_1xb8-600i_shapes-128.py')
     model = build_model(config)
@@ -166,8 +178,45 @@ def test_deploy_tool_on_the_demo_mask_rcnn(tmp_path):
     assert exact <= 1e-10
     onnx_difference = float(result.stdout.split('largest onnxruntime difference: ')[1].split()[0])
     assert onnx_difference < 1e-4  # float32 backbone+neck features of magnitude ~10
-    deployed = torch.load(out, weights_only=False)
-    assert not any(isinstance(m, SwitchableNorm) for m in deployed.modules())
+    # The saved model against the original, directly: features, RPN outputs and RoI head outputs on
+    # the original's proposals.
+    deployed = torch.load(out, weights_only=False).eval()
+    original = build_model(config, str(checkpoint)).eval()
+    kept = [m for m in deployed.modules() if isinstance(m, SwitchableNorm)]
+    assert 'SN kept (hard' in result.stdout and kept and all(m.hard_ratios for m in kept)
+    for m in original.modules():
+        if isinstance(m, SwitchableNorm):
+            m.harden()
+    assert not any(isinstance(m, (BatchChannelNorm, WSConv2d)) for m in deployed.modules())
+    inputs = torch.randn(2, 3, 64, 64, generator=generator)
+    samples = [DetDataSample(metainfo=dict(img_shape=(64, 64), ori_shape=(64, 64), pad_shape=(64, 64),
+                                           batch_input_shape=(64, 64), scale_factor=(1.0, 1.0))) for _ in range(2)]
+    with torch.no_grad():
+        features = original.extract_feat(inputs)
+        proposals = original.rpn_head.predict(features, samples, rescale=False)
+        expected = _leaves([features, original.rpn_head(features),
+                            original.roi_head.forward(features, copy.deepcopy(proposals), copy.deepcopy(samples))])
+        deployed_features = deployed.extract_feat(inputs)
+        actual = _leaves([deployed_features, deployed.rpn_head(deployed_features),
+                          deployed.roi_head.forward(deployed_features, proposals, samples)])
+    assert len(expected) == len(actual) >= 5 + 10 + 3  # 5 levels, RPN scores and boxes per level, RoI outputs
+    for e, a in zip(expected, actual):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * max(1.0, float(e.abs().max())))
     soft = subprocess.run([sys.executable, 'tools/deploy.py', config, str(checkpoint), '--tolerance', '-1'],
                           cwd=REPO, capture_output=True, text=True)
     assert soft.returncode == 2 and 'nothing saved' in soft.stderr
+
+
+def test_an_empty_comparison_raises():
+    with pytest.raises(ValueError, match='nothing to compare'):
+        max_difference([], [])
+    with pytest.raises(ValueError, match='nothing to compare'):
+        max_difference([torch.zeros(0, 4)], [torch.zeros(0, 4)])
+    assert max_difference([torch.zeros(0, 4), torch.ones(2)], [torch.zeros(0, 4), torch.zeros(2)]) == 1.0
+
+    class Described(nn.Module):  # an output with numbers in no tensor
+        def forward(self, x):
+            return [{'boxes': x.sum().item()}]
+
+    with pytest.raises(TypeError, match='holds a float, which cannot be compared'):
+        network_outputs(Described(), torch.ones(1, 2), [])

@@ -64,7 +64,10 @@ def main(argv: Optional[List[str]] = None) -> nn.Module:
     report = deploy_model(model)
     print('deployed layers:\n  ' + '\n  '.join(describe(report) or ['nothing to convert']))
     inputs, samples = synthetic_batch(model, *args.input_size)
-    exact, own, rounding = deployment_differences(reference, model, inputs, samples)
+    try:
+        exact, own, rounding = deployment_differences(reference, model, inputs, samples)
+    except (TypeError, ValueError) as error:
+        raise ToolError(f'cannot check the deployed model: {error}; nothing saved') from None
     size = f'{args.input_size[0]}x{args.input_size[1]}'
     print(f'largest eval output difference on a {size} input: {exact:.3g} when converted in float64; '
           f'{own:.3g} in {inputs.dtype}, where the original alone is {rounding:.3g} away from float64')

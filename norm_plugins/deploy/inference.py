@@ -30,13 +30,17 @@ def _scope(model: nn.Module) -> str:
 
 
 def _tensors(output: Any) -> List[Tensor]:
+    """The tensors of a (nested) output; ``None`` holds none. Anything else would go uncompared."""
     if isinstance(output, Tensor):
         return [output]
     if isinstance(output, dict):
         return [t for value in output.values() for t in _tensors(value)]
     if isinstance(output, (list, tuple)):
         return [t for value in output for t in _tensors(value)]
-    return []
+    if output is None:
+        return []
+    raise TypeError(f'the network output holds a {type(output).__name__}, which cannot be compared; the check '
+                    "needs tensors (mmengine models: mode='tensor')")
 
 
 @torch.no_grad()
@@ -100,10 +104,18 @@ def deployment_differences(reference: nn.Module, deployed: nn.Module, inputs: Te
 
 
 def max_difference(first: List[Tensor], second: List[Tensor]) -> float:
+    """Largest absolute difference between corresponding tensors.
+
+    Raises:
+        ValueError: different structure or shapes, or no element to compare (0.0 would claim a match).
+    """
     if len(first) != len(second) or any(a.shape != b.shape for a, b in zip(first, second)):
         raise ValueError('the two models give outputs of different structure or shape')
-    return max((float((a.double() - b.double()).abs().max()) for a, b in zip(first, second) if a.numel()),
-               default=0.0)
+    compared = [(a, b) for a, b in zip(first, second) if a.numel()]
+    if not compared:
+        raise ValueError(f'nothing to compare: the models gave {len(first)} output tensor(s), all empty; use an '
+                         'input on which the network produces outputs (--input-size)')
+    return max(float((a.double() - b.double()).abs().max()) for a, b in compared)
 
 
 @torch.no_grad()

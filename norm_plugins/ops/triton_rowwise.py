@@ -1,28 +1,29 @@
-"""Triton kernels of the four row-wise passes of :mod:`norm_plugins.ops.rowwise`, for x of shape (N, C, L).
+"""Triton kernels of the four row-wise passes of :mod:`norm_plugins.ops.rowwise` over x (N, C, L).
 
-One kernel per pass, each a thin wrapper away from its torch reference in ``rowwise.py``::
+One kernel per pass, each launched by a thin wrapper (the torch reference is in ``rowwise.py``)::
 
-    _moments_kernel         per-(n, c) mean and M2 (per-lane Welford, lanes merged by Chan's formula)
-    _grad_sums_kernel       per-(n, c) sum_l g and sum_l g * (x - M)
-    _normalize_kernel       y  = (x - M) * A + B
-    _normalize_bwd_kernel   dx = g * a + (x - M) * P + Q
-    _combine_kernel         merges the per-chunk partials of the two reductions when rows are split
+    _moments_kernel             per-(n, c) mean and M2 (per-lane Welford, lanes merged exactly)
+    _grad_sums_kernel           per-(n, c) sum_l g and sum_l g * (x - M)
+    _normalize_kernel           y  = (x - M) * A + B
+    _normalize_backward_kernel  dx = g * a + (x - M) * P + Q
+    _combine_kernel             merges the per-chunk partials of a reduction whose rows were split
 
 Every program handles a tile of ``BLOCK_C`` channels of one sample and walks ``chunk`` positions of
 L in steps of ``BLOCK_L``. Strides are arguments, so NCL-contiguous and channels-last tensors (x, g
 and the output independently) are read in place: the tile's fast axis follows x's unit stride, which
 keeps loads coalesced for either layout. (N, C) coefficients may be broadcast views (stride 0).
 
-Filling the GPU: with few long rows (2x64x400x672 is 128 rows of 268,800) one program per row leaves
-most SMs idle, so :func:`make_plan` splits every row into ``split`` chunks, enough for about
-``PROGRAMS_PER_SM`` programs per SM. The reductions then write per-chunk partials (count, mean, M2 or
-plain sums) and one tiny combine launch merges them; with one chunk per row the reduction kernel
-writes the result itself. Accumulation is float32 (float64 for float64 inputs); loads upcast and
-stores round to the output's dtype.
+Filling the GPU: with few long rows (2x64x400x672 is 128 rows of 268,800) one program per row
+leaves most SMs idle, so :func:`make_plan` cuts every row into ``split`` chunks, enough for about
+``PROGRAMS_PER_SM`` programs per SM. The reductions then write per-chunk partials (mean and M2, or
+plain sums; the counts follow from the plan) and one tiny launch merges them by Chan's formula; with
+one chunk per row the reduction kernel writes the result itself. Accumulation is float32 (float64
+for float64 inputs); loads upcast and stores round to the output's dtype.
 
-The public functions are torch custom ops (``torch.ops.norm_plugins.*``, opaque to ``torch.compile``
-through their fake implementations). Eager calls skip the dispatcher and launch directly: a custom op
-call costs about 15 us of host time, a noticeable share of a layer's budget on a GPU.
+The public functions are torch custom ops (``torch.ops.norm_plugins.*``, opaque to
+``torch.compile`` through their fake implementations). Eager calls skip the dispatcher and launch
+directly: a custom op call costs about 15 us of host time, a noticeable share of a layer's budget on
+a GPU.
 """
 import functools
 from typing import NamedTuple, Optional, Tuple
@@ -37,7 +38,7 @@ from .rowwise import accumulation_dtype
 # A tile of 2048 elements: 16 per thread at 4 warps (8 KB of float32 per load).
 TILE = 2048
 NUM_WARPS = 4
-# Channels per tile when C is the unit-stride axis: 64 float32 are 256 contiguous bytes per position.
+# Channels per tile when C is the unit-stride axis: 64 float32 are 256 contiguous bytes.
 MAX_BLOCK_C_CHANNELS_LAST = 64
 PROGRAMS_PER_SM = 4
 # Without a CUDA device (the interpreter), plan as for an H100 so the tests run the GPU's plans.
@@ -61,8 +62,8 @@ def make_plan(shape: Tuple[int, int, int], strides: Tuple[int, int, int], sm_cou
     of it (tests use them to run the split-row logic on small shapes)."""
     n, c, length = shape
     if block_c is None or block_l is None:
-        if 1 < strides[1] < strides[2] or (strides[1] == 1 and strides[2] != 1 and c > 1):
-            # C is the fast axis (channels-last): channels across the tile, positions along it.
+        if c > 1 and length > 1 and strides[1] < strides[2]:
+            # C is the faster axis (channels-last): the tile spans channels first.
             block_c = min(triton.next_power_of_2(c), MAX_BLOCK_C_CHANNELS_LAST)
             block_l = min(triton.next_power_of_2(length), TILE // block_c)
         else:
@@ -90,7 +91,7 @@ def plan_for(x: Tensor) -> Plan:
 
 @triton.jit
 def _tile_origin(C, BLOCK_C: tl.constexpr):
-    """This program's sample (int64, so base offsets cannot overflow), its channels and their mask."""
+    """This program's sample (int64: offsets must not overflow), its channels and their mask."""
     c_blocks = tl.cdiv(C, BLOCK_C)
     n = (tl.program_id(0) // c_blocks).to(tl.int64)
     cs = (tl.program_id(0) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -262,6 +263,11 @@ def _check_rows(x: Tensor, name: str = 'x') -> Tuple[int, int, int]:
     return tuple(x.shape)
 
 
+def _check_grad(grad: Tensor, x: Tensor) -> None:
+    if grad.shape != x.shape:
+        raise ValueError(f'grad {tuple(grad.shape)} and x {tuple(x.shape)} must have one shape')
+
+
 def _grid(n: int, c: int, plan: Plan) -> Tuple[int, int]:
     return n * triton.cdiv(c, plan.block_c), plan.split
 
@@ -281,8 +287,8 @@ def _reduce(kernel, inputs, strides, x: Tensor, out_dtype: torch.dtype, plan: Pl
         block_s = triton.next_power_of_2(plan.split)
         block_r = min(triton.next_power_of_2(n * c), max(1, TILE // block_s))
         _combine_kernel[(triton.cdiv(n * c, block_r),)](
-            part, out1, out2, n * c, length, plan.chunk, plan.split, BLOCK_R=block_r, BLOCK_S=block_s,
-            MOMENTS=moments, num_warps=NUM_WARPS)
+            part, out1, out2, n * c, length, plan.chunk, plan.split,
+            BLOCK_R=block_r, BLOCK_S=block_s, MOMENTS=moments, num_warps=NUM_WARPS)
     return out1, out2
 
 
@@ -297,20 +303,21 @@ def row_moments_impl(x: Tensor, plan: Optional[Plan] = None) -> Tuple[Tensor, Te
     n, c, length = _check_rows(x)
     acc = accumulation_dtype(x.dtype)
     if x.numel() == 0:  # the mean of no values is NaN, as in torch.var_mean
-        return x.new_full((n, c), float('nan'), dtype=acc), x.new_full((n, c), float('nan'), dtype=acc)
+        nan = x.new_full((n, c), float('nan'), dtype=acc)
+        return nan, nan.clone()
     return _reduce(_moments_kernel, (x,), x.stride(), x, acc, plan or plan_for(x), moments=True)
 
 
 def row_grad_sums_impl(grad: Tensor, x: Tensor, centre: Tensor,
                        plan: Optional[Plan] = None) -> Tuple[Tensor, Tensor]:
     n, c, length = _check_rows(x)
-    if grad.shape != x.shape:
-        raise ValueError(f'grad {tuple(grad.shape)} and x {tuple(x.shape)} must have the same shape')
+    _check_grad(grad, x)
     if x.numel() == 0:
         return x.new_zeros((n, c), dtype=centre.dtype), x.new_zeros((n, c), dtype=centre.dtype)
     (centre,), centre_strides = _coefficients(n, c, centre)
-    return _reduce(_grad_sums_kernel, (grad, x, centre), (*grad.stride(), *x.stride(), *centre_strides),
-                   x, centre.dtype, plan or plan_for(x), moments=False)
+    strides = (*grad.stride(), *x.stride(), *centre_strides)
+    return _reduce(_grad_sums_kernel, (grad, x, centre), strides, x, centre.dtype,
+                   plan or plan_for(x), moments=False)
 
 
 def row_normalize_impl(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor,
@@ -330,16 +337,16 @@ def row_normalize_impl(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor,
 def row_normalize_backward_impl(grad: Tensor, x: Tensor, centre: Tensor, a: Tensor, p: Tensor,
                                 q: Tensor, plan: Optional[Plan] = None) -> Tensor:
     n, c, length = _check_rows(x)
-    if grad.shape != x.shape:
-        raise ValueError(f'grad {tuple(grad.shape)} and x {tuple(x.shape)} must have the same shape')
+    _check_grad(grad, x)
     dx = torch.empty_like(x)
     if x.numel() == 0:
         return dx
     plan = plan or plan_for(x)
     coefficients, strides = _coefficients(n, c, centre, a, p, q)
     _normalize_backward_kernel[_grid(n, c, plan)](
-        grad, x, dx, *coefficients, c, length, plan.chunk, *grad.stride(), *x.stride(), *dx.stride(),
-        *strides, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, num_warps=NUM_WARPS)
+        grad, x, dx, *coefficients, c, length, plan.chunk,
+        *grad.stride(), *x.stride(), *dx.stride(), *strides,
+        BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, num_warps=NUM_WARPS)
     return dx
 
 
@@ -362,7 +369,8 @@ def _row_grad_sums_op(grad: Tensor, x: Tensor, centre: Tensor) -> Tuple[Tensor, 
 
 @_row_grad_sums_op.register_fake
 def _(grad, x, centre):
-    return x.new_empty(x.shape[:2], dtype=centre.dtype), x.new_empty(x.shape[:2], dtype=centre.dtype)
+    return (x.new_empty(x.shape[:2], dtype=centre.dtype),
+            x.new_empty(x.shape[:2], dtype=centre.dtype))
 
 
 @torch.library.custom_op('norm_plugins::row_normalize', mutates_args=())
@@ -394,7 +402,8 @@ def row_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 def row_grad_sums(grad: Tensor, x: Tensor, centre: Tensor) -> Tuple[Tensor, Tensor]:
     """``sum_l g`` and ``sum_l g * (x - centre)`` per row, in centre's dtype."""
-    return (_row_grad_sums_op if torch.compiler.is_compiling() else row_grad_sums_impl)(grad, x, centre)
+    return (_row_grad_sums_op if torch.compiler.is_compiling() else row_grad_sums_impl)(
+        grad, x, centre)
 
 
 def row_normalize(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -406,5 +415,6 @@ def row_normalize(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor) -> Te
 def row_normalize_backward(grad: Tensor, x: Tensor, centre: Tensor, a: Tensor, p: Tensor,
                            q: Tensor) -> Tensor:
     """``g * a + (x - centre) * p + q`` per row, in x's dtype and layout."""
-    return (_row_normalize_backward_op if torch.compiler.is_compiling() else row_normalize_backward_impl)(
-        grad, x, centre, a, p, q)
+    compiling = torch.compiler.is_compiling()
+    op = _row_normalize_backward_op if compiling else row_normalize_backward_impl
+    return op(grad, x, centre, a, p, q)

@@ -5,8 +5,10 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from norm_plugins import BatchChannelNorm
+from norm_plugins.ops import batch_channel_norm_fn
 from norm_plugins.testing import run_distributed
 
 EPS = 1e-5
@@ -277,26 +279,75 @@ def test_estimates_from_large_batch_statistics():
         large.init_estimates_from(bn)
 
 
-def test_one_by_one_maps_are_finite():
+def reference_gradients(layer, x, grad_out, stats=None):
+    """Output and gradients (x, then the four affine parameters) by autograd through the float64
+    reference; ``stats``: constant (mean, var), else the batch moments of x (with their gradients)."""
+    x_ref = x.detach().double().requires_grad_()
+    params = [p.detach().double().requires_grad_() for p in affine_of(layer)]
+    mean, var = batch_moments(x_ref) if stats is None else (s.detach().double() for s in stats)
+    y = reference_bcn(x_ref, mean, var, *params, layer.num_groups)
+    (y * grad_out.double()).sum().backward()
+    return y.detach(), x_ref.grad, [p.grad for p in params]
+
+
+def assert_matches_reference(layer, x, y, grad_out, stats=None, rtol=1e-5, atol=1e-5, grad_rtol=None):
+    """y, x.grad and the parameter gradients of ``layer`` against :func:`reference_gradients`."""
+    y_ref, dx_ref, dparams_ref = reference_gradients(layer, x, grad_out, stats)
+    torch.testing.assert_close(y.detach().double(), y_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(x.grad.double(), dx_ref, rtol=rtol, atol=atol)
+    for param, expected in zip((layer.weight, layer.bias, layer.group_weight, layer.group_bias), dparams_ref):
+        torch.testing.assert_close(param.grad.double(), expected, rtol=grad_rtol or rtol, atol=atol)
+
+
+def test_one_by_one_maps_match_reference_gradients():
+    torch.manual_seed(0)
     x = torch.randn(1, 8, 1, 1, requires_grad=True)
     micro = BatchChannelNorm(8, num_groups=8, estimate=True)
-    with torch.no_grad():
-        micro.group_bias.copy_(torch.arange(8.0))
+    randomize_affine(micro)
     y = micro(x)
-    (y * torch.randn_like(y)).sum().backward()
-    # One value per group: the group normalization maps it to 0, leaving the group bias (up to the
-    # float32 rounding of x scaled by 1/sqrt(eps)).
-    torch.testing.assert_close(y, torch.arange(8.0).view(1, 8, 1, 1), rtol=0, atol=1e-4)
-    assert torch.isfinite(x.grad).all()
+    grad_out = torch.randn_like(y)
+    (y * grad_out).sum().backward()
+    # One value per group: the group normalization maps it to 0, leaving the group bias; the
+    # gradient is 0 up to float32 rounding of terms scaled by 1/sqrt(eps).
+    torch.testing.assert_close(y, micro.group_bias.detach().view(1, 8, 1, 1), rtol=0, atol=1e-4)
+    assert_matches_reference(micro, x, y, grad_out, stats=(micro.estimated_mean, micro.estimated_var),
+                             atol=1e-4)
+
     large = BatchChannelNorm(8, num_groups=4)
+    randomize_affine(large)
     x2 = torch.randn(2, 8, 1, 1, requires_grad=True)
     y2 = large(x2)
-    (y2 * torch.randn_like(y2)).sum().backward()
-    assert torch.isfinite(y2).all() and torch.isfinite(x2.grad).all()
+    grad_out2 = torch.randn_like(y2)
+    (y2 * grad_out2).sum().backward()
+    # Two values per channel, two channels per group: 1/sqrt(var + eps) is large, so is the gradient.
+    assert_matches_reference(large, x2, y2, grad_out2, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match='more than one value per channel'):
         large(torch.randn(1, 8, 1, 1))
     large.eval()
-    assert torch.isfinite(large(torch.randn(1, 8, 1, 1))).all()
+    large.zero_grad()
+    x3 = torch.randn(1, 8, 1, 1, requires_grad=True)
+    y3 = large(x3)
+    (y3 * grad_out).sum().backward()
+    assert_matches_reference(large, x3, y3, grad_out, stats=(large.running_mean, large.running_var))
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize('estimate', [False, True])
+def test_half_inputs_match_float64_reference_gradients(dtype, tol, estimate):
+    """float32 parameters, half input: statistics and coefficients in float32 or better, y and dx
+    rounded to the input dtype once; parameter gradients at float32 accuracy."""
+    torch.manual_seed(0)
+    layer = BatchChannelNorm(8, num_groups=4, estimate=estimate, update_rate=0.5)
+    randomize_affine(layer)
+    x = (torch.randn(2, 8, 5, 6) * 3 + 2).to(dtype).requires_grad_()
+    y = layer(x)
+    assert y.dtype == dtype
+    grad_out = torch.randn(y.shape).to(dtype)
+    (y * grad_out).sum().backward()
+    assert x.grad.dtype == dtype
+    stats = (layer.estimated_mean, layer.estimated_var) if estimate else None
+    # y and dx: one rounding to the half dtype (relative ``tol``) of values of size up to ~3.
+    assert_matches_reference(layer, x, y, grad_out, stats, rtol=tol, atol=3 * tol, grad_rtol=1e-4)
 
 
 def test_autocast_keeps_float32_statistics():
@@ -314,6 +365,137 @@ def test_autocast_keeps_float32_statistics():
             assert getattr(amp, name).dtype == torch.float32
             torch.testing.assert_close(getattr(amp, name), getattr(ref, name))
         torch.testing.assert_close(y.float(), expected, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize('estimate', [False, True])
+def test_empty_batch_returns_empty_output_and_changes_nothing(estimate):
+    layer = BatchChannelNorm(8, num_groups=4, estimate=estimate, update_rate=0.5, momentum=None)
+    randomize_affine(layer)
+    layer(torch.randn(3, 8, 2, 2) + 1)  # statistics away from their initial values
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(0, 8, 3, 3, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for param in layer.parameters():
+        assert torch.equal(param.grad, torch.zeros_like(param))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, state[key]), key  # bit-identical, num_batches_tracked included
+    layer.eval()
+    assert layer(x).shape == x.shape
+
+
+class _HostSyncCounter(TorchDispatchMode):
+    """Counts ``aten._local_scalar_dense``: every ``float(t)``, ``t.item()`` and ``if t`` of a tensor,
+    each a host-device synchronization on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('config', [dict(), dict(momentum=None), dict(estimate=True, update_rate=0.1),
+                                    dict(estimate=True, update_rate=0.0)])
+def test_forward_and_backward_without_host_syncs(config):
+    layer = BatchChannelNorm(8, num_groups=4, **config)
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # update_rate 0 warns (from the host value set at construction)
+        with _HostSyncCounter() as counter:
+            for _ in range(2):
+                layer(x).square().sum().backward()
+            layer(x[:0]).sum().backward()
+            layer.eval()
+            layer(x).sum().backward()
+    assert counter.count == 0
+
+
+@pytest.mark.parametrize('estimate', [False, True])
+def test_large_offset_error_within_twice_batchnorm(estimate):
+    """mean / std = 1e4: the relative errors (norm of the error / norm of the float64 result on the
+    same float32 data) of the output and the input gradient stay within 2x of torch BatchNorm's
+    (training mode)."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 64, 16, 16, dtype=torch.float64) + 1e4).float()
+    grad_out = torch.randn(x.shape)
+    mean, var = batch_moments(x)
+
+    def errors(make):
+        results = []
+        for dtype in (torch.float32, torch.float64):
+            layer = make().to(dtype)
+            if isinstance(layer, BatchChannelNorm) and estimate:  # micro batch: estimates of this data
+                layer.estimated_mean.copy_(mean)
+                layer.estimated_var.copy_(var)
+                layer.eval()
+            xs = x.to(dtype, copy=True).requires_grad_()
+            y = layer(xs)
+            (y * grad_out.to(dtype)).sum().backward()
+            results.append((y.detach().double(), xs.grad.double()))
+        (y32, dx32), (y64, dx64) = results
+        return (y32 - y64).norm() / y64.norm(), (dx32 - dx64).norm() / dx64.norm()
+
+    bcn_y, bcn_dx = errors(lambda: BatchChannelNorm(64, num_groups=32, estimate=estimate))
+    bn_y, bn_dx = errors(lambda: nn.BatchNorm2d(64))
+    assert bcn_y <= 2 * bn_y and bcn_dx <= 2 * bn_dx, (bcn_y, bn_y, bcn_dx, bn_dx)
+
+
+def test_channels_last_half_input_saves_only_x_and_keeps_layout():
+    torch.manual_seed(0)
+    layer = BatchChannelNorm(8, num_groups=4)
+    x = torch.randn(2, 8, 5, 6).bfloat16().to(memory_format=torch.channels_last).requires_grad_()
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = layer(x)
+    # x itself (no float32 copy, no NCHW copy), and nothing else of its size.
+    assert len(saved) == 1 and saved[0].data_ptr() == x.data_ptr() and saved[0].dtype == torch.bfloat16
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert not y._is_view()
+    grad_out = torch.randn(y.shape).bfloat16().to(memory_format=torch.channels_last)
+    y.backward(grad_out)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    reference = BatchChannelNorm(8, num_groups=4)
+    x_plain = x.detach().contiguous().requires_grad_()
+    y_plain = reference(x_plain)
+    y_plain.backward(grad_out.contiguous())
+    torch.testing.assert_close(y, y_plain, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, x_plain.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('needs_input_grad', [False, True])
+def test_input_gradient_pass_only_when_x_needs_it(needs_input_grad, monkeypatch):
+    calls = []
+    original = batch_channel_norm_fn.row_normalize_backward
+
+    def counted(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(batch_channel_norm_fn, 'row_normalize_backward', counted)
+    layer = BatchChannelNorm(8, num_groups=4)
+    x = torch.randn(2, 8, 3, requires_grad=needs_input_grad)
+    layer(x).square().sum().backward()
+    assert len(calls) == int(needs_input_grad)
+    assert layer.weight.grad is not None
+
+
+@pytest.mark.parametrize('estimate', [False, True])
+def test_double_backward_raises(estimate):
+    layer = BatchChannelNorm(4, num_groups=2, estimate=estimate).double()
+    x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    dx, = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match='differentiate twice'):
+        dx.sum().backward()
 
 
 def test_layer_shared_within_one_forward():

@@ -83,17 +83,18 @@ class BatchChannelNormFunction(torch.autograd.Function):
                 group_weight: Optional[Tensor], group_bias: Optional[Tensor], groups: int, eps: float,
                 group) -> Tensor:
         n, c = m.shape
+        per_group = c // groups
         acc = COEFFICIENT_DTYPE
         v = v.to(acc)
         rstd_c = (var.to(acc) + eps).rsqrt()
         a = rstd_c if weight is None else rstd_c * weight.to(acc)
         d = m.to(acc) - mean.to(acc)
         h = a * d if bias is None else torch.addcmul(bias.to(acc), a, d)
-        h3, hv3 = h.view(n, groups, -1), (a * a * v).view(n, groups, -1)
+        h3, hv3 = h.view(n, groups, per_group), (a * a * v).view(n, groups, per_group)
         hc3 = h3 - h3.mean(-1, keepdim=True)
         rstd_g = (hv3.mean(-1) + hc3.square().mean(-1) + eps).rsqrt()
         s = rstd_g if group_weight is None else rstd_g * group_weight.to(acc)
-        scale = s.unsqueeze(-1) * a.view(groups, -1)
+        scale = s.unsqueeze(-1) * a.view(groups, per_group)
         shift = s.unsqueeze(-1) * hc3
         if group_bias is not None:
             shift = shift + group_bias.to(acc).view(groups, 1)
@@ -115,11 +116,12 @@ class BatchChannelNormFunction(torch.autograd.Function):
         spatial = x3.shape[2]
         s1, s2 = (t.to(COEFFICIENT_DTYPE) for t in row_grad_sums(g3, x3, m))
 
-        per_group = spatial * (c // groups)
-        t = (a * s2 + hc * s1).view(n, groups, -1).sum(-1)
-        p1 = -t * s * rstd_g.square() / per_group
-        q1 = -s * s1.view(n, groups, -1).sum(-1) / per_group
-        s_c, p1_c, q1_c = (z.repeat_interleave(c // groups, dim=1) for z in (s, p1, q1))
+        per_group = c // groups
+        group_count = spatial * per_group
+        t = (a * s2 + hc * s1).view(n, groups, per_group).sum(-1)
+        p1 = -t * s * rstd_g.square() / group_count
+        q1 = -s * s1.view(n, groups, per_group).sum(-1) / group_count
+        s_c, p1_c, q1_c = (z.repeat_interleave(per_group, dim=1) for z in (s, p1, q1))
         e1 = s_c * s1 + spatial * (q1_c + p1_c * hc)
         e2 = s_c * s2 + spatial * p1_c * a * v
         d_bias = e1.sum(0)
@@ -140,7 +142,7 @@ class BatchChannelNormFunction(torch.autograd.Function):
             dx = _shaped_like(dx, x)
 
         d_group_weight = (t * rstd_g).sum(0)
-        d_group_bias = s1.view(n, groups, -1).sum((0, 2))
+        d_group_bias = s1.view(n, groups, per_group).sum((0, 2))
         grads = [grad.to(dtype) if wanted else None for grad, dtype, wanted in
                  zip((d_xhat, d_bias, d_group_weight, d_group_bias), ctx.param_dtypes, ctx.needs_input_grad[6:10])]
         return (dx, None, None, None, None, None, *grads, None, None, None)

@@ -208,6 +208,8 @@ class BatchChannelNorm(nn.Module):
                              'estimate=True (micro-batch BCN) for batches this small.')
         # A checkpointed block's recomputation in backward must not update statistics a second time.
         update = self.training and not is_recomputing()
+        if self.estimate and self.training:
+            self._check_recomputation(update)
         with torch.autocast(x.device.type, enabled=False):
             with torch.no_grad():
                 # Statistics in float32 for half inputs (upcast inside the row pass, x is not copied).
@@ -220,10 +222,8 @@ class BatchChannelNorm(nn.Module):
                     if update and self.track_running_stats:
                         self._update_running_stats(mean, var, count)
                 else:
-                    if self.estimate and self.training:
-                        self._check_recomputation(update)
-                        if update:
-                            self._update_estimates(m, v, rows, group)
+                    if self.estimate and update:
+                        self._update_estimates(m, v, rows, group)
                     stats = (self.estimated_mean, self.estimated_var) if self.estimate else \
                         (self.running_mean, self.running_var)
                     mean, var = stats

@@ -222,6 +222,19 @@ def test_zero_update_rate_warns_once():
         BatchChannelNorm(4, num_groups=2, estimate=True, update_rate=0.01)(x)
         layer.eval()
         layer(x)  # eval never updates: nothing to warn about
+    # r is checked where it is set: by construction (above), set_update_rate and loading.
+    loaded = BatchChannelNorm(4, num_groups=2, estimate=True, update_rate=0.01)
+    loaded.load_state_dict(layer.state_dict())
+    with pytest.warns(UserWarning, match='update_rate 0'):
+        loaded(x)
+    loaded.set_update_rate(0.1)
+    loaded.set_update_rate(0.0)
+    with pytest.warns(UserWarning, match='update_rate 0'):
+        loaded(x)
+    loaded.set_update_rate(0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        loaded(x)
 
 
 def test_state_dict_round_trip_keeps_estimates_and_rate():
@@ -590,3 +603,40 @@ def test_distributed_estimates_identical_and_sync_matches_concatenated_batch(siz
     for res in results:
         torch.testing.assert_close(res['large'][3], single.running_mean)
         torch.testing.assert_close(res['large'][4], single.running_var)
+
+
+def _empty_ranks_worker(rank, world_size, out_dir):
+    """Synchronized BCN with a global batch empty or of one value per channel: nothing changes."""
+    torch.manual_seed(rank)
+    result = {}
+    with _HostSyncCounter() as counter:
+        for estimate in (False, True):
+            layer = BatchChannelNorm(8, num_groups=4, estimate=estimate, sync=True, update_rate=0.5,
+                                     momentum=None).double()
+            layer(torch.randn(3, 8, 2, dtype=torch.float64) + 1).sum().backward()
+            state = {k: v.clone() for k, v in layer.state_dict().items()}
+            x = torch.randn(0, 8, 3, dtype=torch.float64, requires_grad=True)
+            y = layer(x)
+            y.sum().backward()
+            result[estimate] = (tuple(y.shape), all(torch.equal(v, state[k]) for k, v in layer.state_dict().items()))
+        # One value per channel over all ranks (rank 0 holds a 1x1 sample, the others nothing): no
+        # unbiased variance, so the running statistics and num_batches_tracked stay as they are.
+        layer = BatchChannelNorm(8, num_groups=4, sync=True)
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        x = torch.randn(int(rank == 0), 8, 1, 1, requires_grad=True)
+        y = layer(x)
+        (y * torch.randn_like(y)).sum().backward()
+        result['single'] = (bool(torch.isfinite(x.grad).all()),
+                            all(torch.equal(v, state[k]) for k, v in layer.state_dict().items()))
+    result['host_syncs'] = counter.count
+    torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
+
+
+@pytest.mark.slow
+def test_distributed_empty_global_batch_changes_nothing(tmp_path):
+    run_distributed(_empty_ranks_worker, 2, str(tmp_path))
+    for rank in range(2):
+        result = torch.load(tmp_path / f'rank{rank}.pt')
+        assert result[False] == ((0, 8, 3), True) and result[True] == ((0, 8, 3), True)
+        assert result['single'] == (True, True)
+        assert result['host_syncs'] == 0

@@ -26,7 +26,20 @@ are batch statistics, obtained in one of two ways:
   Runner; otherwise r is the ``update_rate`` buffer.
 
 Both steps together are affine in x per (sample, channel); :mod:`norm_plugins.ops.batch_channel_norm_fn`
-computes them with one statistics pass and one output pass, saving only x for backward.
+computes them with one statistics pass and one output pass (two passes in backward), saving only x.
+
+Training details, as BatchNorm where it has them:
+
+- An empty batch (N = 0) gives an empty output and changes no statistics, estimates or
+  ``num_batches_tracked``; synchronized, so does a batch empty on every rank, or (large batch) one
+  with a single value per channel over all ranks (no unbiased variance). Unsynchronized large-batch
+  training with a single value per channel raises ``ValueError``. All of it without a host-device
+  synchronization: checks on shapes, masks on the device.
+- Gradient checkpointing (``with_cp=True``, ``torch.utils.checkpoint``): the recomputed forward
+  inside backward updates nothing and normalizes with the constants of the original forward
+  (see :meth:`BatchChannelNorm._check_recomputation` for a micro-batch layer run several times per
+  step under the reentrant kind). Training forwards under ``torch.no_grad`` update as usual.
+- Double backward is not supported and raises.
 """
 import math
 import warnings
@@ -224,9 +237,8 @@ class BatchChannelNorm(nn.Module):
                 else:
                     if self.estimate and update:
                         self._update_estimates(m, v, rows, group)
-                    stats = (self.estimated_mean, self.estimated_var) if self.estimate else \
+                    mean, var = (self.estimated_mean, self.estimated_var) if self.estimate else \
                         (self.running_mean, self.running_var)
-                    mean, var = stats
             return BatchChannelNormFunction.apply(x, m, v, mean, var, count, self.weight, self.bias,
                                                   self.group_weight, self.group_bias, self.num_groups,
                                                   self.eps, group)
@@ -263,9 +275,11 @@ class BatchChannelNorm(nn.Module):
             valid = count > 1
             correction = (count / (count - 1).clamp(min=1)).to(var.dtype)
         self.num_batches_tracked.add_(1 if valid is None else valid.to(self.num_batches_tracked.dtype))
-        for buffer, batch in ((self.running_mean, mean), (self.running_var, var * correction)):  # unbiased var
-            factor = (self.momentum if self.momentum is not None
-                      else self.num_batches_tracked.clamp(min=1).reciprocal().to(buffer.dtype))
+        factor = self.momentum
+        if factor is None:  # cumulative average
+            factor = self.num_batches_tracked.clamp(min=1).reciprocal().to(self.running_mean.dtype)
+        # The variance is stored unbiased, as BatchNorm stores it.
+        for buffer, batch in ((self.running_mean, mean), (self.running_var, var * correction)):
             updated = torch.lerp(buffer, batch.to(buffer.dtype), factor)
             buffer.copy_(updated if valid is None else torch.where(valid, updated, buffer))
 

@@ -1,4 +1,5 @@
 """BCN against plain float64 formulas (Eq. 40-42, Algorithm 1), gradcheck, state, errors, gloo runs."""
+import copy
 import os
 import warnings
 
@@ -509,6 +510,31 @@ def test_double_backward_raises(estimate):
     dx, = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match='differentiate twice'):
         dx.sum().backward()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('estimate', [False, True])
+def test_torch_compile_matches_eager(estimate):
+    """torch.compile (inductor, what mmengine's compile=True uses) over the layer: same outputs,
+    gradients and statistics as eager, over two training steps."""
+    torch.manual_seed(0)
+    layer = BatchChannelNorm(8, num_groups=4, estimate=estimate, update_rate=0.3)
+    randomize_affine(layer)
+    eager = copy.deepcopy(layer)
+    compiled = torch.compile(layer)
+    for step in range(2):
+        x = torch.randn(2, 8, 5, 5) * (step + 1) + 1
+        outputs = []
+        for model in (compiled, eager):
+            xs = x.clone().requires_grad_()
+            y = model(xs)
+            y.square().sum().backward()
+            outputs.append((y, xs.grad))
+        torch.testing.assert_close(*[o[0] for o in outputs])
+        torch.testing.assert_close(*[o[1] for o in outputs])
+    for got, expected in zip(list(layer.buffers()) + [p.grad for p in layer.parameters()],
+                             list(eager.buffers()) + [p.grad for p in eager.parameters()]):
+        torch.testing.assert_close(got, expected)
 
 
 def test_layer_shared_within_one_forward():

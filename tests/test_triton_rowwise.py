@@ -2,6 +2,7 @@
 against plain float64 formulas: every shape case (N = 0, N = 1, L = 1, ragged and split rows), NCL
 and channels-last layouts for x and g independently, float32/float16/bfloat16/float64, large
 offsets, torch custom ops and torch.compile."""
+import copy
 import math
 import os
 
@@ -14,8 +15,14 @@ _saved_interpret = os.environ.get('TRITON_INTERPRET')
 os.environ['TRITON_INTERPRET'] = '1'
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
+import test_batch_channel_norm as bcn_tests  # noqa: E402
+import test_switchable_norm as sn_tests  # noqa: E402
+import test_sync_switchable_norm as sync_tests  # noqa: E402
+from norm_plugins import BatchChannelNorm, SwitchableNorm  # noqa: E402
 from norm_plugins.ops import rowwise, triton_rowwise  # noqa: E402
+from norm_plugins.ops.backend import use_triton  # noqa: E402
 from norm_plugins.ops.triton_rowwise import make_plan  # noqa: E402
+from norm_plugins.testing import run_distributed  # noqa: E402
 
 if _saved_interpret is None:
     del os.environ['TRITON_INTERPRET']
@@ -161,16 +168,21 @@ def test_forced_split_rows(poisoned, plan_args, layouts):
 
 
 def test_large_offset_keeps_precision(poisoned):
-    """mean / std = 1e4: Welford moments and the centred forms keep float32 precision, where
-    E[x^2] - E[x]^2 or x * A + B would lose about eight digits."""
+    """mean / std = 1e4: the shifted Welford moments (split rows too) lose nothing beyond rounding
+    the mean to float32, and the centred forms keep full precision, where E[x^2] - E[x]^2 or
+    x * A + B would lose about eight digits."""
     for layouts, plan_args in [(('ncl', 'ncl'), None), (('nlc', 'ncl'), None),
                                (('ncl', 'nlc'), dict(split=5, block_l=64))]:
         check_all((2, 3, 30, 41), *layouts, torch.float32, plan_args, offset=1e4)
     gen = torch.Generator().manual_seed(3)
-    x = rows((2, 3, 30, 41), 'ncl', torch.float32, gen, offset=1e4)
-    _, var = triton_rowwise.row_moments_impl(x)
-    ref = x.double().var(2, correction=0)
-    assert ((var.double() - ref).abs() / ref).max() < 1e-4
+    x = rows((2, 16, 16, 16), 'ncl', torch.float32, gen, offset=1e4)
+    ref_var, ref_mean = torch.var_mean(x.double(), 2, correction=0)
+    ulp = 8192 * torch.finfo(torch.float32).eps  # of values in [8192, 16384)
+    for plan_args in (None, dict(split=3, block_l=16), dict(split=8, block_l=16, block_c=4)):
+        plan = None if plan_args is None else make_plan(tuple(x.shape), x.stride(), 132, **plan_args)
+        mean, var = triton_rowwise.row_moments_impl(x, plan)
+        assert (mean.double() - ref_mean).abs().max() <= ulp, plan
+        assert ((var.double() - ref_var) / ref_var).abs().max() < 1e-6, plan
 
 
 def test_broadcast_coefficients_and_gapped_strides():
@@ -284,3 +296,124 @@ def test_torch_compile_matches_eager(monkeypatch):
     y, dx = compiled(x, g)
     torch.testing.assert_close(y.double(), ref.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx.double(), xd.grad, rtol=1e-4, atol=1e-4)
+
+
+# Layers on the kernels: SN, SyncSN and BCN with NORM_PLUGINS_BACKEND=triton against the torch path
+# (float32) and the float64 layer, forward, backward and buffers, train then eval.
+
+def layer_step(layer, x, g, backend, monkeypatch):
+    """One forward+backward under ``backend``: output, input and parameter gradients, buffers."""
+    monkeypatch.setenv('NORM_PLUGINS_BACKEND', backend)
+    launches = []
+    grid = triton_rowwise._grid
+    monkeypatch.setattr(triton_rowwise, '_grid', lambda *args: launches.append(args) or grid(*args))
+    layer.zero_grad()
+    x = x.detach().requires_grad_()
+    y = layer(x)
+    forward_launches = len(launches)
+    y.backward(g)
+    if backend == 'triton':
+        assert 0 < forward_launches < len(launches), 'forward and backward must run the kernels'
+    assert y.stride() == x.stride(), 'the output must keep the input\'s layout'
+    return [y, x.grad, *(p.grad for p in layer.parameters()), *(b.clone() for b in layer.buffers())]
+
+
+def assert_all_close(got, want, tol):
+    """Each tensor within ``tol`` relative to its largest reference value (or 1)."""
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape, i
+        if a.numel():
+            scale = 1 + b.double().abs().max().item()
+            error = (a.double() - b.double()).abs().max().item()
+            assert error <= tol * scale, (i, error, scale)
+
+
+def check_layer_on_kernels(layer, shape, monkeypatch, channels_last=False, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=gen) * 1.5 + 0.5).to(dtype)
+    g = torch.randn(shape, generator=gen).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    on_torch, exact = copy.deepcopy(layer), copy.deepcopy(layer).double()
+    for training in (True, False):
+        for module in (layer, on_torch, exact):
+            module.train(training)
+        got = layer_step(layer, x, g, 'triton', monkeypatch)
+        want = layer_step(on_torch, x, g, 'torch', monkeypatch)
+        if dtype in HALF_EPS:  # both paths round the same float32 values once: ulp level
+            assert_all_close(got[:2], want[:2], HALF_EPS[dtype])
+            assert_all_close(got[2:], want[2:], 1e-5)
+        else:
+            assert_all_close(got, want, 1e-5)
+            assert_all_close(got, layer_step(exact, x.double(), g.double(), 'torch', monkeypatch), 1e-5)
+
+
+SN_CONFIGS = {
+    'default': {},
+    'in-ln': dict(normalizers=('in', 'ln')),
+    'bn': dict(normalizers=('bn',)),
+    'in-bn': dict(normalizers=('in', 'bn')),
+    'tied': dict(tied=True),
+    'unbiased': dict(unbiased_instance_var=True),
+    'no-affine': dict(affine=False),
+    'no-running-stats': dict(track_running_stats=False, momentum=None),
+}
+
+
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
+@pytest.mark.parametrize('config', list(SN_CONFIGS))
+def test_switchable_norm_on_kernels(monkeypatch, config, channels_last):
+    layer = sn_tests.randomized(SwitchableNorm(4, **{'momentum': 0.3, **SN_CONFIGS[config]}))
+    check_layer_on_kernels(layer, (2, 4, 3, 5), monkeypatch, channels_last)
+
+
+@pytest.mark.parametrize('shape', [(3, 4, 7), (2, 4, 3, 2, 3), (3, 4, 1, 1), (1, 4, 3, 5)],
+                         ids=['1d', '3d', 'one-pixel', 'one-sample'])
+def test_switchable_norm_on_kernels_shapes(monkeypatch, shape):
+    unbiased = shape == (3, 4, 1, 1)  # the L - 1 correction must stay finite on 1x1 maps
+    layer = sn_tests.randomized(SwitchableNorm(4, unbiased_instance_var=unbiased))
+    check_layer_on_kernels(layer, shape, monkeypatch)
+
+
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
+@pytest.mark.parametrize('estimate', [False, True], ids=['large-batch', 'micro-batch'])
+def test_batch_channel_norm_on_kernels(monkeypatch, estimate, channels_last):
+    layer = BatchChannelNorm(4, num_groups=2, estimate=estimate, update_rate=0.3, momentum=0.3)
+    bcn_tests.randomize_affine(layer)
+    check_layer_on_kernels(layer, (2, 4, 3, 5), monkeypatch, channels_last)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
+def test_half_layers_on_kernels(monkeypatch, dtype):
+    sn = sn_tests.randomized(SwitchableNorm(4))
+    check_layer_on_kernels(sn, (2, 4, 3, 5), monkeypatch, channels_last=True, dtype=dtype)
+    bcn = BatchChannelNorm(4, num_groups=2, estimate=True)
+    bcn_tests.randomize_affine(bcn)
+    check_layer_on_kernels(bcn, (2, 4, 3, 5), monkeypatch, dtype=dtype)
+
+
+def test_large_offsets_on_kernels(monkeypatch):
+    """The previous issue's bound at mean / std = 1e4 (output and input-gradient errors within 2x of
+    torch BatchNorm's) holds on the kernel path."""
+    monkeypatch.setenv('NORM_PLUGINS_BACKEND', 'triton')
+    sn_tests.test_large_offsets_keep_batch_norm_precision(unbiased=False)
+    for estimate in (False, True):
+        bcn_tests.test_large_offset_error_within_twice_batchnorm(estimate)
+
+
+def _sync_rank_on_kernels(rank, world, sizes, out_dir):
+    assert os.environ.get('NORM_PLUGINS_BACKEND') == 'triton' and use_triton(torch.zeros(1))
+    sync_tests._rank_run(rank, world, sizes, out_dir)
+
+
+@pytest.mark.slow
+def test_sync_switchable_norm_on_kernels(monkeypatch, tmp_path):
+    """SyncSN on the kernels over gloo, with unequal and empty ranks, equals SN on the concatenated
+    batch (the torch path) in outputs, gradients and running statistics."""
+    sizes = (2, 0, 1)
+    monkeypatch.setenv('NORM_PLUGINS_BACKEND', 'triton')  # the spawned ranks inherit it
+    run_distributed(_sync_rank_on_kernels, len(sizes), sizes, str(tmp_path))
+    monkeypatch.setenv('NORM_PLUGINS_BACKEND', 'torch')
+    for unbiased in (False, True):
+        sync_tests.check_against_sn(tmp_path, sizes, unbiased)

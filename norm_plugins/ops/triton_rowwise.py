@@ -129,20 +129,23 @@ def _moments_kernel(x_ptr, mean_ptr, var_ptr, part_ptr, R, C, L, chunk,
                     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, FINAL: tl.constexpr):
     """Mean and M2 = sum (x - mean)^2 of one chunk of BLOCK_C rows (mean and M2 / L when FINAL).
 
-    Every lane runs Welford over the positions it visits; the lanes are then merged exactly,
-    M2 = sum_lanes M2_lane + count_lane * (mean_lane - mean)^2, so no sum of squares ever cancels.
+    Every lane runs Welford over the positions it visits, on x minus the row's first value: with
+    |mean| >> std the shifted values keep every digit a float32 running mean would round away. The
+    lanes are then merged exactly, M2 = sum_lanes M2_lane + count_lane * (mean_lane - mean)^2.
+    Partials keep the shift (every chunk of a row shares it); the final mean adds it back.
     """
     acc_ty = mean_ptr.dtype.element_ty
     n, cs, c_mask = _tile_origin(C, BLOCK_C)
     start, end = _chunk_bounds(L, chunk)
     x_base = x_ptr + n * stride_xn + cs[:, None] * stride_xc
+    shift = tl.load(x_base, mask=c_mask[:, None], other=0.).to(acc_ty)
     lanes = tl.arange(0, BLOCK_L)
     mean = tl.zeros([BLOCK_C, BLOCK_L], acc_ty)
     m2 = tl.zeros([BLOCK_C, BLOCK_L], acc_ty)
     for l0 in range(start, end, BLOCK_L):
         ls = l0 + lanes
         mask = c_mask[:, None] & (ls < end)[None, :]
-        v = tl.load(x_base + ls[None, :] * stride_xl, mask=mask, other=0.).to(acc_ty)
+        v = tl.load(x_base + ls[None, :] * stride_xl, mask=mask, other=0.).to(acc_ty) - shift
         # Only a chunk's last tile is partial, so every active lane has now seen this many values.
         inv_seen = 1.0 / ((l0 - start) // BLOCK_L + 1).to(acc_ty)
         delta = tl.where(mask, v - mean, 0.)
@@ -154,6 +157,7 @@ def _moments_kernel(x_ptr, mean_ptr, var_ptr, part_ptr, R, C, L, chunk,
     spread = mean - chunk_mean[:, None]
     chunk_m2 = tl.sum(m2 + counts[None, :] * spread * spread, axis=1)
     if FINAL:
+        chunk_mean += tl.reshape(shift, [BLOCK_C])
         chunk_m2 = chunk_m2 / tl.cast(total, acc_ty)
     _store_pair(chunk_mean, chunk_m2, mean_ptr, var_ptr, part_ptr, R, n * C + cs, c_mask, FINAL)
 
@@ -184,10 +188,12 @@ def _grad_sums_kernel(g_ptr, x_ptr, m_ptr, sum_g_ptr, sum_gx_ptr, part_ptr, R, C
 
 
 @triton.jit
-def _combine_kernel(part_ptr, out1_ptr, out2_ptr, R, L, chunk, n_split,
+def _combine_kernel(part_ptr, x_ptr, out1_ptr, out2_ptr, R, C, L, chunk, n_split,
+                    stride_xn, stride_xc,
                     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, MOMENTS: tl.constexpr):
     """Merges the (2, R, n_split) per-chunk partials of BLOCK_R rows: plain sums, or (MOMENTS)
-    chunk means and M2 by Chan's formula into mean and biased variance."""
+    chunk means (shifted by the row's first value x[n, c, 0]) and M2 by Chan's formula into mean
+    and biased variance."""
     acc_ty = out1_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     slots = tl.arange(0, BLOCK_S)
@@ -198,9 +204,11 @@ def _combine_kernel(part_ptr, out1_ptr, out2_ptr, R, L, chunk, n_split,
     second = tl.load(part_ptr + R * n_split + offsets, mask=mask, other=0.)
     if MOMENTS:
         counts = tl.where(slots < n_split, tl.minimum(chunk, L - slots * chunk), 0).to(acc_ty)
-        mean = tl.sum(first * counts[None, :], axis=1) / tl.cast(L, acc_ty)
-        spread = first - mean[:, None]
+        shifted_mean = tl.sum(first * counts[None, :], axis=1) / tl.cast(L, acc_ty)
+        spread = first - shifted_mean[:, None]
         m2 = tl.sum(second + counts[None, :] * spread * spread, axis=1)
+        row_starts = x_ptr + (rows // C).to(tl.int64) * stride_xn + (rows % C) * stride_xc
+        mean = tl.load(row_starts, mask=row_mask, other=0.).to(acc_ty) + shifted_mean
         tl.store(out1_ptr + rows, mean, mask=row_mask)
         tl.store(out2_ptr + rows, m2 / tl.cast(L, acc_ty), mask=row_mask)
     else:
@@ -287,7 +295,7 @@ def _reduce(kernel, inputs, strides, x: Tensor, out_dtype: torch.dtype, plan: Pl
         block_s = triton.next_power_of_2(plan.split)
         block_r = min(triton.next_power_of_2(n * c), max(1, TILE // block_s))
         _combine_kernel[(triton.cdiv(n * c, block_r),)](
-            part, out1, out2, n * c, length, plan.chunk, plan.split,
+            part, x, out1, out2, n * c, c, length, plan.chunk, plan.split, x.stride(0), x.stride(1),
             BLOCK_R=block_r, BLOCK_S=block_s, MOMENTS=moments, num_warps=NUM_WARPS)
     return out1, out2
 
@@ -302,9 +310,8 @@ def _coefficients(n: int, c: int, *coefficients: Tensor):
 def row_moments_impl(x: Tensor, plan: Optional[Plan] = None) -> Tuple[Tensor, Tensor]:
     n, c, length = _check_rows(x)
     acc = accumulation_dtype(x.dtype)
-    if x.numel() == 0:  # the mean of no values is NaN, as in torch.var_mean
-        nan = x.new_full((n, c), float('nan'), dtype=acc)
-        return nan, nan.clone()
+    if x.numel() == 0:  # zeros for rows of no values, as rowwise's torch path gives
+        return x.new_zeros((n, c), dtype=acc), x.new_zeros((n, c), dtype=acc)
     return _reduce(_moments_kernel, (x,), x.stride(), x, acc, plan or plan_for(x), moments=True)
 
 

@@ -3,6 +3,13 @@
     python tools/benchmark_norm.py                       # CPU, float32 and bfloat16, all layers
     python tools/benchmark_norm.py --device cuda         # GPU: true peak memory from the allocator
     python tools/benchmark_norm.py --layers SN GN --shapes 2x64x400x672 --dtypes float32
+    python tools/benchmark_norm.py --device cuda --backend triton torch   # kernels vs torch path
+
+``--backend`` sets ``NORM_PLUGINS_BACKEND`` for each measurement of a norm_plugins layer, so the
+Triton kernels and the torch path appear side by side (``triton`` on the CPU runs Triton's
+interpreter and needs ``TRITON_INTERPRET=1``: a correctness check, not a speed figure). Layers from
+elsewhere do not depend on it and are measured once. ``SN-plain`` is Switchable Normalization written in plain
+autograd from the paper's Eq. 2-5, as users run it today.
 
 Time is the median over ``--repeats`` runs of ``layer(x).backward(grad)`` after ``--warmup`` runs.
 Memory, as a multiple of the input's size:
@@ -13,6 +20,7 @@ Memory, as a multiple of the input's size:
 Parameters stay float32 for half-precision inputs, as under AMP.
 """
 import argparse
+import os
 import statistics
 import time
 from typing import Callable, Dict
@@ -21,14 +29,60 @@ import torch
 from torch import nn
 
 from norm_plugins import BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv2d
+from norm_plugins.ops.backend import BACKENDS, ENV_VAR
 
 DEFAULT_SHAPES = ('2x256x200x336', '2x64x400x672', '16x256x56x56')
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+
+class PlainSwitchableNorm(nn.Module):
+    """Switchable Normalization as the SN paper writes it, in plain autograd (training mode).
+
+    Eq. 2: instance moments mu_in, var_in over (H, W); Eq. 4: layer and batch moments from them,
+    mu_ln = mean_c mu_in, var_ln = mean_c (var_in + mu_in^2) - mu_ln^2 (likewise over n for BN);
+    Eq. 5: ratios w = softmax(lambda), w' = softmax(lambda'); Eq. 3:
+    y = gamma * (x - sum_k w_k mu_k) / sqrt(sum_k w'_k var_k + eps) + beta. Running BN statistics
+    are updated as in training. Autograd keeps every intermediate of x's size for backward.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.mean_weight = nn.Parameter(torch.ones(3))
+        self.var_weight = nn.Parameter(torch.ones(3))
+        self.register_buffer('running_mean', torch.zeros(num_features))
+        self.register_buffer('running_var', torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        h = x.reshape(n, c, -1)
+        mean_in = h.mean(-1, keepdim=True)
+        var_in = (h - mean_in).square().mean(-1, keepdim=True)
+        second_in = var_in + mean_in.square()
+        mean_ln = mean_in.mean(1, keepdim=True)
+        var_ln = second_in.mean(1, keepdim=True) - mean_ln.square()
+        mean_bn = mean_in.mean(0, keepdim=True)
+        var_bn = second_in.mean(0, keepdim=True) - mean_bn.square()
+        with torch.no_grad():
+            self.running_mean.lerp_(mean_bn.flatten().to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(var_bn.flatten().to(self.running_var.dtype), self.momentum)
+        w = self.mean_weight.softmax(0)
+        w_var = self.var_weight.softmax(0)
+        mean = w[0] * mean_in + w[1] * mean_ln + w[2] * mean_bn
+        var = w_var[0] * var_in + w_var[1] * var_ln + w_var[2] * var_bn
+        h = (h - mean) / (var + self.eps).sqrt()
+        return h.reshape(x.shape) * self.weight.view(1, c, *[1] * (x.dim() - 2)) \
+            + self.bias.view(1, c, *[1] * (x.dim() - 2))
+
 
 # name -> factory(channels) building the layer under test; extend here for new layers.
 LAYERS: Dict[str, Callable[[int], nn.Module]] = {
     'BN': nn.BatchNorm2d,
     'GN': lambda c: nn.GroupNorm(32, c),
+    'SN-plain': PlainSwitchableNorm,
     'SN': SwitchableNorm,
     'SyncSN': SyncSwitchableNorm,
     'BCN': BatchChannelNorm,
@@ -92,7 +146,28 @@ def extra_memory(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float
     return sum(saved) / input_bytes
 
 
-def benchmark(layer_names, shapes, dtypes, device: torch.device, warmup: int, repeats: int):
+def uses_backend(layer: nn.Module) -> bool:
+    """Whether ``NORM_PLUGINS_BACKEND`` can change how ``layer`` runs (a norm_plugins layer)."""
+    return type(layer).__module__.startswith('norm_plugins.')
+
+
+def measure(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, backend: str, warmup: int,
+            repeats: int):
+    """(ms, memory) of ``layer`` with ``NORM_PLUGINS_BACKEND=backend`` ('-': left as it is)."""
+    saved = os.environ.get(ENV_VAR)
+    if backend != '-':
+        os.environ[ENV_VAR] = backend
+    try:
+        return time_fwd_bwd(layer, x, grad, warmup, repeats), extra_memory(layer, x, grad)
+    finally:
+        if saved is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = saved
+
+
+def benchmark(layer_names, shapes, dtypes, device: torch.device, warmup: int, repeats: int,
+              backends=('auto',)):
     rows = []
     for shape in shapes:
         for dtype_name in dtypes:
@@ -102,14 +177,14 @@ def benchmark(layer_names, shapes, dtypes, device: torch.device, warmup: int, re
             grad = torch.randn(shape, generator=gen, device=device).to(dtype)
             for name in layer_names:
                 layer = LAYERS[name](shape[1]).to(device).train()
-                try:
-                    ms = time_fwd_bwd(layer, x, grad, warmup, repeats)
-                    mem = extra_memory(layer, x, grad)
-                except RuntimeError as err:  # e.g. an op without a kernel for this dtype/device
-                    ms, mem = float('nan'), float('nan')
-                    print(f'# {name} {shape} {dtype_name}: {err}'.splitlines()[0])
-                rows.append(dict(layer=name, shape='x'.join(map(str, shape)), dtype=dtype_name,
-                                 ms=ms, memory=mem))
+                for backend in backends if uses_backend(layer) else ['-']:
+                    try:
+                        ms, mem = measure(layer, x, grad, backend, warmup, repeats)
+                    except RuntimeError as err:  # e.g. an op without a kernel for this dtype/device
+                        ms, mem = float('nan'), float('nan')
+                        print(f'# {name} {backend} {shape} {dtype_name}: {err}'.splitlines()[0])
+                    rows.append(dict(layer=name, backend=backend, shape='x'.join(map(str, shape)),
+                                     dtype=dtype_name, ms=ms, memory=mem))
                 del layer
             del x, grad
             if device.type == 'cuda':
@@ -118,16 +193,18 @@ def benchmark(layer_names, shapes, dtypes, device: torch.device, warmup: int, re
 
 
 def markdown(rows) -> str:
-    header = ['layer', 'shape', 'dtype', 'fwd+bwd ms']
+    header = ['layer', 'backend', 'shape', 'dtype', 'fwd+bwd ms']
     header += [f'x {b}' for b in BASELINES] + ['extra memory (x input)']
     lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
-    by_key = {(r['layer'], r['shape'], r['dtype']): r['ms'] for r in rows}
+    # Baselines are PyTorch layers, measured once whatever the backends.
+    by_key = {(r['layer'], r['shape'], r['dtype']): r['ms'] for r in rows if r['backend'] == '-'}
     for r in rows:
         ratios = []
         for base in BASELINES:
             ref = by_key.get((base, r['shape'], r['dtype']))
             ratios.append('-' if ref is None else f"{r['ms'] / ref:.2f}")
-        lines.append(f"| {r['layer']} | {r['shape']} | {r['dtype']} | {r['ms']:.2f} | "
+        lines.append(f"| {r['layer']} | {r['backend']} | {r['shape']} | {r['dtype']} | "
+                     f"{r['ms']:.2f} | "
                      + ' | '.join(ratios) + f" | {r['memory']:.2f} |")
     return '\n'.join(lines)
 
@@ -142,18 +219,25 @@ def main(argv=None):
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (default: torch\'s)')
+    parser.add_argument('--backend', nargs='+', default=['auto'], choices=BACKENDS,
+                        help=f'{ENV_VAR} values to measure norm_plugins layers under, side by side')
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda was requested but torch sees no GPU; run on a GPU machine or '
                      'drop --device')
+    interpreted = os.environ.get('TRITON_INTERPRET') == '1'
+    if device.type == 'cpu' and 'triton' in args.backend and not interpreted:
+        parser.error('--backend triton on the CPU runs Triton\'s interpreter, which needs '
+                     'TRITON_INTERPRET=1 in the environment (slow: for checks, not timings)')
     if args.threads:
         torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
         f'CPU, {torch.get_num_threads()} threads'
     print(f'# torch {torch.__version__}, {where}')
-    rows = benchmark(args.layers, args.shapes, args.dtypes, device, args.warmup, args.repeats)
+    rows = benchmark(args.layers, args.shapes, args.dtypes, device, args.warmup, args.repeats,
+                     args.backend)
     print(markdown(rows))
     return rows
 

@@ -17,7 +17,7 @@ layout. ``x`` and ``g`` may be NCL-contiguous or channels-last (stride 1 along C
 Each function dispatches on :func:`norm_plugins.ops.backend.use_triton`: the Triton kernels for CUDA
 tensors (or any tensor with ``NORM_PLUGINS_BACKEND=triton``), the torch implementation otherwise.
 """
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -39,7 +39,19 @@ def row_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Mean and biased variance of every row of ``x``, in the accumulation dtype."""
     if use_triton(x):
         return _kernels().row_moments(x)
-    var, mean = torch.var_mean(x.to(accumulation_dtype(x.dtype)), dim=2, correction=0)
+    acc = accumulation_dtype(x.dtype)
+    blocks = _channel_blocks(x)
+    if blocks is None:
+        var, mean = torch.var_mean(x.to(acc), dim=2, correction=0)
+        return mean, var
+    # BatchNorm's statistics kernel, rows taken as channels: a mean pass, then a centred pass, with
+    # a float64 accumulator; it reads x in its own dtype and writes nothing full-size. The running
+    # buffers it insists on updating are scratch.
+    moments = []
+    for block in blocks:
+        scratch = x.new_zeros(block.shape[1], dtype=acc)
+        moments.append(torch.batch_norm_update_stats(block, scratch, scratch.clone(), 0.0))
+    mean, var = (torch.cat(t).view(x.shape[:2]) for t in zip(*moments))
     return mean, var
 
 
@@ -47,17 +59,37 @@ def row_normalize(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor) -> Te
     """``(x - centre) * scale + shift`` per row, in x's dtype and layout."""
     if use_triton(x):
         return _kernels().row_normalize(x, centre, scale, shift)
-    xs = x.to(centre.dtype)
-    y = (xs - centre.unsqueeze(-1)).mul_(scale.unsqueeze(-1)).add_(shift.unsqueeze(-1))
-    return _like(y, x)
+    y = torch.empty_like(x)
+    blocks = _channel_blocks(x)
+    if blocks is None:
+        return y.copy_(_reference_affine(x, centre, scale, shift))
+    if x.dtype in (torch.float16, torch.bfloat16):
+        for out, block, *coefficients in zip(_channel_blocks(y), blocks,
+                                             *(_row_blocks(x, t) for t in (centre, scale, shift))):
+            _half_affine(block, *coefficients, out=out)
+        return y
+    torch.sub(x, centre.unsqueeze(-1), out=y)
+    return torch.addcmul(shift.unsqueeze(-1), y, scale.unsqueeze(-1), out=y)
 
 
 def row_grad_sums(grad: Tensor, x: Tensor, centre: Tensor) -> Tuple[Tensor, Tensor]:
     """``sum_l g`` and ``sum_l g * (x - centre)`` per row, in the accumulation dtype."""
     if use_triton(x):
         return _kernels().row_grad_sums(grad, x, centre)
-    gs = grad.to(centre.dtype)
-    return gs.sum(2), (gs * (x.to(centre.dtype) - centre.unsqueeze(-1))).sum(2)
+    blocks = _channel_blocks(x)
+    if blocks is None or grad.stride() != x.stride():
+        gs = grad.to(centre.dtype)
+        return gs.sum(2), (gs * (x.to(centre.dtype) - centre.unsqueeze(-1))).sum(2)
+    # BatchNorm's backward kernel, rows taken as channels, with mean = centre and invstd = 1: its
+    # grad_weight and grad_bias are these sums, from one read of g and x and without writing dx.
+    sums = []
+    for block, grad_block, centre_block in zip(blocks, _channel_blocks(grad), _row_blocks(x, centre)):
+        _, sum_gc, sum_g = torch.ops.aten.native_batch_norm_backward(
+            grad_block, block, None, None, None, centre_block, torch.ones_like(centre_block), True, 0.0,
+            [False, True, True])
+        sums.append((sum_g, sum_gc))
+    sum_g, sum_gc = (torch.cat(t).view(centre.shape) for t in zip(*sums))
+    return sum_g, sum_gc
 
 
 def row_normalize_backward(grad: Tensor, x: Tensor, centre: Tensor, a: Tensor, p: Tensor,
@@ -65,13 +97,56 @@ def row_normalize_backward(grad: Tensor, x: Tensor, centre: Tensor, a: Tensor, p
     """``g * a + (x - centre) * p + q`` per row, in x's dtype and layout."""
     if use_triton(x):
         return _kernels().row_normalize_backward(grad, x, centre, a, p, q)
-    xc = x.to(centre.dtype) - centre.unsqueeze(-1)
-    dx = xc.mul_(p.unsqueeze(-1)).add_(q.unsqueeze(-1)).addcmul_(grad.to(centre.dtype), a.unsqueeze(-1))
-    return _like(dx, x)
+    dx = torch.empty_like(x)
+    blocks = _channel_blocks(x)
+    if blocks is None or grad.stride() != x.stride():
+        return dx.copy_(_reference_affine(x, centre, p, q).addcmul_(grad.to(a.dtype), a.unsqueeze(-1)))
+    if x.dtype in (torch.float16, torch.bfloat16):
+        for out, block, grad_block, centre_block, a_block, p_block, q_block in zip(
+                _channel_blocks(dx), blocks, _channel_blocks(grad),
+                *(_row_blocks(x, t) for t in (centre, a, p, q))):
+            _half_affine(block, centre_block, p_block, q_block, out=out)
+            # g * a by eval-mode BatchNorm backward (unit variance): float32 arithmetic, one rounding.
+            out.add_(torch.ops.aten.native_batch_norm_backward(
+                grad_block, block, a_block, centre_block, torch.ones_like(a_block), None, None, False, 0.0,
+                [True, False, False])[0])
+        return dx
+    torch.sub(x, centre.unsqueeze(-1), out=dx)
+    torch.addcmul(q.unsqueeze(-1), dx, p.unsqueeze(-1), out=dx)
+    return dx.addcmul_(grad, a.unsqueeze(-1))
 
 
-def _like(result: Tensor, x: Tensor) -> Tensor:
-    """``result`` in x's dtype and strides (channels-last stays channels-last)."""
-    out = torch.empty_like(x)
-    out.copy_(result)
-    return out
+def _reference_affine(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``(x - centre) * scale + shift`` in the accumulation dtype, for layouts the kernels do not take."""
+    xs = x.to(centre.dtype)
+    return (xs - centre.unsqueeze(-1)).mul_(scale.unsqueeze(-1)).add_(shift.unsqueeze(-1))
+
+
+def _half_affine(block: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> None:
+    """``out = (block - centre) * scale + shift`` for a float16/bfloat16 block, by eval-mode BatchNorm
+    with unit variance: one pass in float32 arithmetic, rounded once (mixed dtypes are several times
+    slower in elementwise torch ops). The kernel computes ``x * scale + (shift - centre * scale)``;
+    its float32 error, |x| / std * 2^-24, stays far below the output's own half-precision rounding
+    at every offset a half-precision activation resolves."""
+    torch.ops.aten.native_batch_norm.out(block, scale, shift, centre, torch.ones_like(centre), False, 0.0, 0.0,
+                                         out=out, save_mean=centre.new_empty(0),
+                                         save_invstd=centre.new_empty(0))
+
+
+def _channel_blocks(x: Tensor) -> Optional[List[Tensor]]:
+    """Views of (N, C, L) ``x`` whose channels are x's rows, as BatchNorm's CPU kernels take them
+    without a copy: one (1, N*C, L) view of an NCL-contiguous x, or per sample a (1, C, L, 1)
+    channels-last view of a channels-last x. ``None`` for any other layout and for empty x."""
+    n, c, length = x.shape
+    if x.numel() == 0:
+        return None
+    if x.is_contiguous():
+        return [x.view(1, n * c, length)]
+    if x.stride(1) == 1 and x.stride(2) == c and x.stride(0) == c * length:
+        return [sample.unsqueeze(0).unsqueeze(-1) for sample in x]
+    return None
+
+
+def _row_blocks(x: Tensor, t: Tensor) -> List[Tensor]:
+    """An (N, C) coefficient split like :func:`_channel_blocks` splits ``x``."""
+    return [t.reshape(-1)] if x.is_contiguous() else list(t)

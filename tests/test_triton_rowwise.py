@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 # Triton decides at decoration time (when the kernel module is imported) whether @triton.jit builds
 # GPU kernels or interpreted ones, so the variable must be set before that import.
@@ -18,7 +19,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 import test_batch_channel_norm as bcn_tests  # noqa: E402
 import test_switchable_norm as sn_tests  # noqa: E402
 import test_sync_switchable_norm as sync_tests  # noqa: E402
-from norm_plugins import BatchChannelNorm, SwitchableNorm  # noqa: E402
+from norm_plugins import BatchChannelNorm, SwitchableNorm, WSConv2d  # noqa: E402
 from norm_plugins.ops import rowwise, triton_rowwise  # noqa: E402
 from norm_plugins.ops.backend import use_triton  # noqa: E402
 from norm_plugins.ops.triton_rowwise import make_plan  # noqa: E402
@@ -179,7 +180,7 @@ def test_large_offset_keeps_precision(poisoned):
     ref_var, ref_mean = torch.var_mean(x.double(), 2, correction=0)
     ulp = 8192 * torch.finfo(torch.float32).eps  # of values in [8192, 16384)
     for plan_args in (None, dict(split=3, block_l=16), dict(split=8, block_l=16, block_c=4)):
-        plan = None if plan_args is None else make_plan(tuple(x.shape), x.stride(), 132, **plan_args)
+        plan = plan_args and make_plan(tuple(x.shape), x.stride(), 132, **plan_args)
         mean, var = triton_rowwise.row_moments_impl(x, plan)
         assert (mean.double() - ref_mean).abs().max() <= ulp, plan
         assert ((var.double() - ref_var) / ref_var).abs().max() < 1e-6, plan
@@ -346,7 +347,8 @@ def check_layer_on_kernels(layer, shape, monkeypatch, channels_last=False, dtype
             assert_all_close(got[2:], want[2:], 1e-5)
         else:
             assert_all_close(got, want, 1e-5)
-            assert_all_close(got, layer_step(exact, x.double(), g.double(), 'torch', monkeypatch), 1e-5)
+            exact_results = layer_step(exact, x.double(), g.double(), 'torch', monkeypatch)
+            assert_all_close(got, exact_results, 1e-5)
 
 
 SN_CONFIGS = {
@@ -417,3 +419,45 @@ def test_sync_switchable_norm_on_kernels(monkeypatch, tmp_path):
     monkeypatch.setenv('NORM_PLUGINS_BACKEND', 'torch')
     for unbiased in (False, True):
         sync_tests.check_against_sn(tmp_path, sizes, unbiased)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('backend', ['auto', 'triton'])
+def test_torch_compile_of_layers(monkeypatch, backend):
+    """Conv-SN-ReLU and WSConv-BCN-ReLU under torch.compile equal eager over two training steps and
+    an eval forward: the default backend (the torch path on CPU) through inductor, and the kernels
+    (opaque custom ops inside the layers' autograd functions) through aot_eager."""
+    monkeypatch.setenv('NORM_PLUGINS_BACKEND', backend)
+    compile_backend = 'inductor' if backend == 'auto' else 'aot_eager'
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), SwitchableNorm(8), nn.ReLU()),
+              nn.Sequential(WSConv2d(3, 8, 3, padding=1), BatchChannelNorm(8, num_groups=4),
+                            nn.ReLU())]
+    launches = []
+    grid = triton_rowwise._grid
+    monkeypatch.setattr(triton_rowwise, '_grid', lambda *args: launches.append(args) or grid(*args))
+    for eager in models:
+        sn_or_bcn = eager[1]
+        if isinstance(sn_or_bcn, SwitchableNorm):
+            sn_tests.randomized(sn_or_bcn)
+        else:
+            bcn_tests.randomize_affine(sn_or_bcn)
+        twin = copy.deepcopy(eager)
+        torch._dynamo.reset()
+        compiled = torch.compile(twin, backend=compile_backend)
+        for step in range(3):
+            training = step < 2
+            eager.train(training)
+            twin.train(training)
+            x = torch.randn(2, 3, 5, 6)
+            g = torch.randn(2, 8, 5, 6)
+            results = []
+            for model in (eager, compiled):
+                model.zero_grad()
+                xs = x.clone().requires_grad_()
+                y = model(xs)
+                y.backward(g)
+                results.append([y, xs.grad, *(p.grad for p in model.parameters()),
+                                *(b.clone() for b in model.buffers())])
+            assert_all_close(results[1], results[0], 1e-5)
+    assert bool(launches) == (backend == 'triton')

@@ -357,3 +357,81 @@ def test_large_offsets_keep_batch_norm_precision(unbiased):
         sn_errors += torch.tensor(_relative_errors(SwitchableNorm(32, unbiased_instance_var=unbiased), x, grad))
         bn_errors += torch.tensor(_relative_errors(torch.nn.BatchNorm2d(32), x, grad))
     assert (sn_errors <= 2 * bn_errors).all(), (sn_errors / bn_errors).tolist()
+
+
+@pytest.mark.parametrize('momentum', [0.1, None])
+@pytest.mark.parametrize('normalizers', [NORMALIZERS, ('bn',)])
+def test_empty_batch_changes_no_statistics(momentum, normalizers):
+    """N = 0 (a rank or a head without RoIs): BatchNorm's behaviour, statistics bit for bit unchanged."""
+    layer = randomized(SwitchableNorm(4, momentum=momentum, normalizers=normalizers))
+    layer(sample((3, 4, 5, 5)))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.zeros(0, 4, 5, 5, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    layer(sample((3, 4, 5, 5), seed=4))  # the next real batch counts as the second
+    assert layer.num_batches_tracked.item() == 2
+
+
+def test_forward_and_backward_never_read_a_tensor_on_the_host(monkeypatch):
+    """No host-device synchronization: no tensor is turned into a Python number (on a GPU each such
+    read waits for the queue), also not for the cumulative average or an empty batch."""
+    layers = [randomized(SwitchableNorm(4, momentum=None)), randomized(SwitchableNorm(4, normalizers=('bn', 'in')))]
+    inputs = [sample((2, 4, 3, 3)).requires_grad_(), torch.zeros(0, 4, 3, 3, requires_grad=True)]
+
+    def refuse(*args):
+        raise AssertionError('a tensor was read on the host')
+
+    for name in ('item', 'tolist', '__float__', '__int__', '__bool__', '__index__'):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for layer in layers:
+        for x in inputs:
+            layer(x).sum().backward()
+    monkeypatch.undo()
+    assert layers[0].num_batches_tracked.item() == 1  # the empty batch does not count
+
+
+def test_double_backward_raises():
+    """Second derivatives are not implemented: asking for them raises instead of being silently wrong
+    (``once_differentiable`` alone gives zeros for d(dx)/dx)."""
+    layer = randomized(SwitchableNorm(4)).double()
+    x = sample((2, 4, 3, 3), dtype=torch.float64).requires_grad_()
+    with pytest.raises(RuntimeError, match='SwitchableNormFunction: second derivatives are not implemented'):
+        torch.autograd.grad((layer(x) * torch.randn_like(x)).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match='second derivatives are not implemented'):
+        torch.autograd.gradgradcheck(layer, (x,))
+    (grad,) = torch.autograd.grad(layer(x).square().sum(), x)  # first order stays available
+    assert torch.isfinite(grad).all()
+
+
+def test_no_input_gradient_pass_when_x_needs_none(monkeypatch):
+    """A frozen input (the first norm after a frozen stem) costs no input-gradient pass."""
+    from norm_plugins.ops import switchable_norm_fn
+    calls = []
+    original = switchable_norm_fn.row_normalize_backward
+    monkeypatch.setattr(switchable_norm_fn, 'row_normalize_backward',
+                        lambda *args: calls.append(1) or original(*args))
+    layer = randomized(SwitchableNorm(4))
+    layer(sample((2, 4, 3, 3))).sum().backward()
+    assert not calls and layer.weight.grad is not None and layer.mean_weight.grad is not None
+    layer(sample((2, 4, 3, 3)).requires_grad_()).sum().backward()
+    assert calls == [1]
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_output_and_gradient_keep_the_memory_format(dtype, memory_format):
+    layer = randomized(SwitchableNorm(6))
+    x = sample((2, 6, 4, 5)).to(dtype).contiguous(memory_format=memory_format).requires_grad_()
+    g = torch.randn(x.shape).to(dtype).contiguous(memory_format=memory_format)
+    y = layer(x)
+    y.backward(g)
+    for t in (y, x.grad):
+        assert t.dtype == dtype and t.is_contiguous(memory_format=memory_format)
+    expected, _, _ = reference_of(layer, x.detach())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)

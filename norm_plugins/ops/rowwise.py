@@ -40,6 +40,8 @@ def row_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     if use_triton(x):
         return _kernels().row_moments(x)
     acc = accumulation_dtype(x.dtype)
+    if x.numel() == 0:
+        return x.new_zeros(x.shape[:2], dtype=acc), x.new_zeros(x.shape[:2], dtype=acc)
     blocks = _channel_blocks(x)
     if blocks is None:
         var, mean = torch.var_mean(x.to(acc), dim=2, correction=0)

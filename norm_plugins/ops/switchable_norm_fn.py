@@ -27,15 +27,15 @@ Backward (hand-derived; ``a = weight * s``, all sums over l)::
 using d var_in / dx = 2k (x - mu_in) / L, d var_ln / dx = 2 (k (x - mu_in) + mu_in - mu_ln) / (C L)
 and likewise for BN with ``count`` = N L (over all ranks). Every full-size pass is centred on ``M``,
 so nothing cancels when |mean| / std is large. Only ``x`` (in its own dtype) and (N, C) statistics
-are saved. Double backward is not supported (``once_differentiable`` raises).
+are saved. Double backward is not implemented and raises (:func:`.first_order.first_order_only`).
 """
 from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .distributed import all_reduce_sum_
+from .first_order import first_order_only
 from .moments import batch_sums, moments_from_sums
 from .rowwise import (accumulation_dtype, row_grad_sums, row_moments, row_normalize,
                       row_normalize_backward)
@@ -93,7 +93,7 @@ class SwitchableNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad: Tensor):
         (x, weight, mean_ratio, var_ratio, mu_in, var_in, mu_ln, var_ln, mu_bn, var_bn, mean, rstd,
          count) = ctx.saved_tensors

@@ -1,9 +1,11 @@
 """Batch-average statistics before every validation (SN paper Sec. 3, "Inference")."""
+import bisect
 import copy
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
 from mmengine.hooks import Hook
+from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
 
 from ..analysis.precise_stats import FORWARD_MODES, recompute_batch_stats
 
@@ -13,8 +15,14 @@ class PreciseStatsHook(Hook):
     of SN, SyncSN and large-batch BCN as the average over ``num_batches`` training batches with the
     network frozen (:func:`~norm_plugins.analysis.recompute_batch_stats`), so validation uses batch
     averages instead of moving averages. Training then continues its moving averages from them.
-    Interval checkpoints are written before the validation of their iteration (``save_best`` ones
-    after it); ``tools/precise_stats.py`` turns a final checkpoint into a batch-average one.
+
+    mmengine's train loops validate after the ``after_train_iter``/``after_train_epoch`` hooks, where
+    ``CheckpointHook`` (priority VERY_LOW) saves. So when the loop (mmengine's epoch- or
+    iteration-based one) will validate after this iteration or epoch, the hook recomputes in that
+    hook call, ahead of ``CheckpointHook``, and validation reuses the result: the checkpoint saved at
+    a validation holds the statistics that validation used, and ``tools/test.py`` on it reproduces
+    the validation's numbers. Checkpoints saved where no validation follows hold moving averages;
+    ``tools/precise_stats.py`` turns any checkpoint into a batch-average one.
 
     Only layers in training mode are recomputed: before validation, those the training loop left
     in training mode; before a test, those that ``model.train()`` puts in training mode. Layers
@@ -45,6 +53,7 @@ class PreciseStatsHook(Hook):
         self.on_test = on_test
         self.dataloader_cfg = dataloader
         self._batches: Optional[Iterator] = None
+        self._fresh = False  # recomputed since the last training step: the next validation reuses it
 
     def _batch_iterator(self, runner) -> Iterator:
         if self._batches is None:
@@ -70,8 +79,22 @@ class PreciseStatsHook(Hook):
         runner.logger.info(f'PreciseStatsHook: batch-average statistics of {count} layers over '
                            f'{self.num_batches} training batches per rank')
 
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        self._fresh = False
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if isinstance(runner.train_loop, IterBasedTrainLoop) and _validates_at(runner, runner.iter + 1):
+            self._recompute(runner)
+            self._fresh = True
+
+    def after_train_epoch(self, runner) -> None:
+        if isinstance(runner.train_loop, EpochBasedTrainLoop) and _validates_at(runner, runner.epoch + 1):
+            self._recompute(runner)
+            self._fresh = True
+
     def before_val(self, runner) -> None:
-        self._recompute(runner)
+        if not self._fresh:
+            self._recompute(runner)
 
     def before_test(self, runner) -> None:
         if self.on_test:
@@ -79,6 +102,17 @@ class PreciseStatsHook(Hook):
             # recompute the layers that training would update, then restore every flag.
             with _train_mode(runner.model):
                 self._recompute(runner)
+
+
+def _validates_at(runner, step: int) -> bool:
+    """Whether mmengine 0.10's train loop validates once its epoch (epoch-based) or iteration
+    (iteration-based) count reaches ``step``: the loops' own test, including dynamic intervals."""
+    loop = runner.train_loop
+    if runner.val_loop is None or step < loop.val_begin:
+        return False
+    interval = loop.dynamic_intervals[bisect.bisect(loop.dynamic_milestones, step + 1) - 1]
+    last = loop.max_epochs if isinstance(loop, EpochBasedTrainLoop) else loop.max_iters
+    return step % interval == 0 or step == last
 
 
 @contextmanager

@@ -6,9 +6,16 @@ Expected layer counts come from the architectures, not from the configs: ResNet-
 convolutions (stem, 3 per bottleneck x 16, 4 shortcuts); FPN 8 (4 lateral, 4 output); the 4conv1fc box
 head and the FCN mask head 4 each; DeepLabV3's ASPP head 4 branches + bottleneck (+ the image-pooling
 branch), PSPNet's head 3 pyramid bins + bottleneck (+ the 1x1 bin); the auxiliary FCN head 1.
+
+Batch-average evaluation (SN paper Sec. 3, "Inference"): the paper finds 50k training images as good as
+all of ImageNet's, so SN and SyncSN recipes average K = min(50k, training images) / (8 GPUs x 2 images)
+training batches per GPU before each validation.
 """
+import argparse
 import copy
+import math
 import re
+import tempfile
 import warnings
 from collections import Counter
 from functools import lru_cache
@@ -17,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import MODELS, init_default_scope
 from mmengine.utils.dl_utils.parrots_wrapper import _BatchNorm, _InstanceNorm
@@ -30,6 +37,7 @@ from norm_plugins.pretrained.config_checks import (PretrainingBatchMismatchWarni
 from norm_plugins.pretrained.errors import PretrainedFileMissingError
 from norm_plugins.pretrained.manifest import get_entry
 from norm_plugins.pretrained.store import converted_file_name, file_sha256
+from norm_plugins.runner.config_setup import load_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
 RECIPES = sorted(p.relative_to(CONFIG_DIR).as_posix() for p in CONFIG_DIR.rglob('*.py')
@@ -57,6 +65,19 @@ COMPONENTS = {
     'pspnet': {'backbone': 53, 'decode_head': 4, 'auxiliary_head': 1},
 }
 SEG_SIZE, DET_SIZE = 32, 128
+# The toolbox configs the recipes inherit (norm_eval, dataset and evaluator come from there).
+UPSTREAM = {('mask-rcnn', 'coco'): 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+            ('faster-rcnn', 'coco'): 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
+            ('mask-rcnn', 'cityscapes'): 'mmdet::cityscapes/mask-rcnn_r50_fpn_1x_cityscapes.py',
+            ('deeplabv3', 'ade20k'): 'mmseg::_base_/models/deeplabv3_r50-d8.py',
+            ('deeplabv3', 'cityscapes'): 'mmseg::_base_/models/deeplabv3_r50-d8.py',
+            ('pspnet', 'ade20k'): 'mmseg::_base_/models/pspnet_r50-d8.py',
+            ('pspnet', 'cityscapes'): 'mmseg::_base_/models/pspnet_r50-d8.py'}
+# Training images (COCO train2017 with annotations, ADE20K and Cityscapes fine train splits) and the
+# SN paper's 50k images for batch averages; 8 GPUs x 2 images per batch.
+TRAIN_IMAGES = {'coco': 117_266, 'ade20k': 20_210, 'cityscapes': 2_975}
+BATCH_AVERAGE_IMAGES, IMAGES_PER_BATCH = 50_000, 16
+CITYSCAPES = sorted(r for r in RECIPES if r.startswith('cityscapes/'))
 
 
 def recipe_kind(recipe):
@@ -65,6 +86,25 @@ def recipe_kind(recipe):
     if recipe == FLAGSHIP:
         return 'mask-rcnn', 'sn'
     return stem.split('_')[0], re.search(r'_(sn|syncsn|bcn-ws|gn-ws|gn)-all_', stem).group(1)
+
+
+def recipe_dataset(recipe):
+    return 'coco' if recipe == FLAGSHIP else re.search(r'_(coco|cityscapes|ade20k)', recipe).group(1)
+
+
+def batch_average_batches(recipe):
+    """K for an SN or SyncSN recipe: 50k images, or the whole training set where it is smaller."""
+    return math.ceil(min(BATCH_AVERAGE_IMAGES, TRAIN_IMAGES[recipe_dataset(recipe)]) / IMAGES_PER_BATCH)
+
+
+@lru_cache(maxsize=None)
+def upstream(recipe) -> Config:
+    """The mmdet/mmseg config a recipe inherits, loaded through a one-line config of our own (mmengine
+    resolves `mmdet::` only in `_base_`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / 'upstream.py'
+        path.write_text(f"_base_ = '{UPSTREAM[recipe_kind(recipe)[0], recipe_dataset(recipe)]}'\n")
+        return Config.fromfile(str(path))
 
 
 def pretrain_images_per_gpu(recipe):
@@ -86,8 +126,10 @@ def submodule(model, dotted):
 # ---------------------------------------------------------------- parsed configs (fast)
 
 def test_recipes_found():
-    assert FLAGSHIP in RECIPES and len(RECIPES) == 31
+    assert FLAGSHIP in RECIPES and len(RECIPES) == 35
     assert {recipe_kind(r)[0] for r in RECIPES} == set(COMPONENTS)
+    assert {recipe_kind(r) for r in CITYSCAPES} == {('mask-rcnn', n) for n in ('sn', 'syncsn', 'bcn-ws', 'gn-ws')}
+    assert {(recipe_kind(r)[0], recipe_dataset(r)) for r in RECIPES} == set(UPSTREAM)
 
 
 @pytest.mark.parametrize('recipe', RECIPES)
@@ -106,9 +148,14 @@ def test_protocol(recipe, tmp_path):
         assert cfg.default_scope == 'mmdet'
         assert cfg.model.roi_head.bbox_head.type == 'Shared4Conv1FCBBoxHead'
         assert cfg.optim_wrapper.optimizer.lr == 0.02 and cfg.optim_wrapper.optimizer.weight_decay == 1e-4
-        two_x = recipe == FLAGSHIP or '-2x_' in recipe
-        assert cfg.train_cfg.max_epochs == (24 if two_x else 12)
-        assert cfg.param_scheduler[-1].milestones == ([16, 22] if two_x else [8, 11])
+        if recipe_dataset(recipe) == 'cityscapes':  # mmdet's 8 epochs over the training set repeated 8 times
+            assert cfg.train_cfg.max_epochs == 8 and cfg.param_scheduler[-1].milestones == [7]
+            assert cfg.model.roi_head.bbox_head.num_classes == cfg.model.roi_head.mask_head.num_classes == 8
+            assert cfg.load_from is None  # not mmdet's COCO-trained BN model
+        else:
+            two_x = recipe == FLAGSHIP or '-2x_' in recipe
+            assert cfg.train_cfg.max_epochs == (24 if two_x else 12)
+            assert cfg.param_scheduler[-1].milestones == ([16, 22] if two_x else [8, 11])
     else:
         assert cfg.default_scope == 'mmseg'
         assert cfg.model.pretrained is None
@@ -125,6 +172,71 @@ def test_protocol(recipe, tmp_path):
     if norm == 'bcn-ws':
         assert {k: backbone.norm_cfg[k] for k in ('type', 'num_groups', 'estimate')} == dict(
             type='BCN', num_groups=32, estimate=True)
+
+
+@pytest.mark.parametrize('recipe', RECIPES)
+def test_norm_eval(recipe):
+    """False where SN, SyncSN or BCN train (mmdet's True would only freeze _BatchNorm, but reads as
+    if they were frozen); GN baselines keep the toolbox's value."""
+    _, norm = recipe_kind(recipe)
+    expected = False if norm in ('sn', 'syncsn', 'bcn-ws') else upstream(recipe).model.backbone.norm_eval
+    assert load(recipe).model.backbone.norm_eval is expected
+    if recipe_kind(recipe)[0] in ('mask-rcnn', 'faster-rcnn'):
+        assert upstream(recipe).model.backbone.norm_eval is True  # so False is written, not inherited
+
+
+@pytest.mark.parametrize('recipe', RECIPES)
+def test_batch_average_evaluation(recipe):
+    """SN and SyncSN recipes run PreciseStatsHook with K batches (and no other custom hook, so that
+    `--cfg-options custom_hooks=[]` turns exactly it off); no other recipe runs it."""
+    hooks = load(recipe).get('custom_hooks', [])
+    if recipe_kind(recipe)[1] in ('sn', 'syncsn'):
+        assert hooks == [dict(type='PreciseStatsHook', num_batches=batch_average_batches(recipe))]
+    else:
+        assert 'PreciseStatsHook' not in [h.type for h in hooks]
+
+
+def test_batch_average_batches_per_dataset():
+    assert {d: batch_average_batches(f'x_sn-all_8xb2-1x_{d}.py') for d in TRAIN_IMAGES} == dict(
+        coco=3125, ade20k=1264, cityscapes=186)
+
+
+@pytest.mark.parametrize('options, expected', [([], [3125]), (['custom_hooks=[]'], []),
+                                               (['custom_hooks.0.num_batches=200'], [200])])
+def test_batch_average_switch_under_a_runner(tmp_path, options, expected):
+    """The documented command-line switches, parsed as tools/train.py parses them, reach the Runner's
+    hooks; the hook runs ahead of CheckpointHook (it recomputes before the checkpoint is saved)."""
+    from mmengine.runner import Runner
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    cfg_options = parser.parse_args(['--cfg-options', *options]).cfg_options if options else None
+    cfg = load_config(str(CONFIG_DIR / FLAGSHIP), cfg_options)
+    cfg.work_dir = str(tmp_path)
+    cfg.model.backbone.init_cfg = None
+    runner = Runner.from_cfg(cfg)
+    names = [type(h).__name__ for h in runner.hooks]
+    assert [h.num_batches for h in runner.hooks if type(h).__name__ == 'PreciseStatsHook'] == expected
+    if expected:
+        assert names.index('PreciseStatsHook') < names.index('CheckpointHook')
+
+
+@pytest.mark.parametrize('recipe', CITYSCAPES)
+def test_cityscapes_data_and_evaluation_are_mmdets(recipe):
+    """Everything but the model, the batch per GPU, the lr and load_from is mmdet's Cityscapes config."""
+    cfg, base = load(recipe), upstream(recipe)
+    assert cfg.train_dataloader.batch_size == 2 and base.train_dataloader.batch_size == 1
+    assert cfg.optim_wrapper.optimizer.lr == 2 * base.optim_wrapper.optimizer.lr  # linear scaling
+    assert {k: v for k, v in cfg.train_dataloader.items() if k != 'batch_size'} == {
+        k: v for k, v in base.train_dataloader.items() if k != 'batch_size'}
+    for key in ('val_dataloader', 'test_dataloader', 'val_evaluator', 'test_evaluator', 'train_cfg',
+                'val_cfg', 'test_cfg', 'param_scheduler', 'default_hooks'):
+        assert cfg[key] == base[key], key
+    assert [m.type for m in cfg.val_evaluator] == ['CocoMetric', 'CityScapesMetric']
+    assert cfg.train_dataloader.dataset.dataset.type == 'CityscapesDataset'
+    model, base_model = cfg.model, base.model
+    assert model.data_preprocessor == base_model.data_preprocessor
+    assert model.train_cfg == base_model.train_cfg and model.test_cfg == base_model.test_cfg
+    assert model.roi_head.bbox_head.loss_bbox == base_model.roi_head.bbox_head.loss_bbox
 
 
 @pytest.mark.parametrize('recipe', RECIPES)

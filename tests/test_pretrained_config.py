@@ -139,9 +139,11 @@ def test_norm_type_mismatch_is_refused(home, tmp_path):
     ('resnet50_gn_ws', "dict(type='GN', num_groups=32)", dict(type='WSConv'),
      "Use conv_cfg=dict(type='WSConv', formula='convws')."),
     # The SN authors' weights divide the instance variance by L - 1.
-    ('resnet50_sn_8x2', "dict(type='SN')", None, "Use norm_cfg=dict(type='SN', unbiased_instance_var=True)."),
+    # The base config's requires_grad=True is kept in the advice.
+    ('resnet50_sn_8x2', "dict(type='SN')", None,
+     "Use norm_cfg=dict(type='SN', requires_grad=True, unbiased_instance_var=True)."),
     ('resnet50_sn_8x2', "dict(type='SyncSN', unbiased_instance_var=True, eps=1e-3)", None,
-     "Use norm_cfg=dict(type='SyncSN', unbiased_instance_var=True, eps=1e-05)."),
+     "Use norm_cfg=dict(type='SyncSN', requires_grad=True, unbiased_instance_var=True, eps=1e-05)."),
     ('resnet50_bcn_ws', "dict(type='BCN', num_groups=32)", dict(type='WSConv', formula='bcn', eps=1e-4),
      "Use conv_cfg=dict(type='WSConv', formula='bcn', eps=1e-05)."),
 ])

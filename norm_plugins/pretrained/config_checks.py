@@ -19,7 +19,7 @@ from mmengine.config import Config
 from torch import nn
 
 from ..layers.batch_channel_norm import BatchChannelNorm
-from ..layers.switchable_norm import SwitchableNorm, SyncSwitchableNorm
+from ..layers.switchable_norm import SwitchableNorm
 from ..layers.weight_standardization import WSConv2d
 from .errors import IncompatibleBackboneError
 from .manifest import SCHEME, PretrainedEntry, get_entry, load_manifests
@@ -38,7 +38,7 @@ _FINDING = ('The SN papers (Luo et al.) found that the learned importance ratios
 # checked by check_backbone_fits.
 _NUMERIC_SETTINGS = {
     'SN': (SwitchableNorm, ('eps', 'unbiased_instance_var')),
-    'SyncSN': (SyncSwitchableNorm, ('eps', 'unbiased_instance_var')),
+    'SyncSN': (SwitchableNorm, ('eps', 'unbiased_instance_var')),  # SyncSN passes them on to SN
     'BCN': (BatchChannelNorm, ('eps',)),
     'GN': (nn.GroupNorm, ('eps',)),
     'WSConv': (WSConv2d, ('eps', 'formula')),

@@ -1,0 +1,75 @@
+"""The torch path of the four row-wise passes (ops/rowwise.py) against plain float64 formulas, for
+every layout it takes without a copy (NCL, channels-last, x and g independently), other strides,
+empty batches, 1x1 maps, all float dtypes, and large offsets."""
+import pytest
+import torch
+
+from norm_plugins.ops import rowwise
+
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2 * 2.0**-10, torch.bfloat16: 2 * 2.0**-7}
+
+
+@pytest.fixture(autouse=True)
+def torch_backend(monkeypatch):
+    monkeypatch.setenv('NORM_PLUGINS_BACKEND', 'torch')
+
+
+def rows(shape, layout, dtype, gen, offset=0.0):
+    """An (N, C, L) tensor as a layer's ``x.reshape(n, c, -1)`` of an NC... ('ncl'), channels-last
+    ('nlc') or sliced ('strided') input sees it."""
+    n, c, length = shape
+    if layout == 'ncl':
+        t = torch.randn(n, c, length, generator=gen, dtype=torch.float64)
+    elif layout == 'nlc':
+        t = torch.randn(n, length, c, generator=gen, dtype=torch.float64).transpose(1, 2)
+    else:
+        t = torch.randn(n, c, 2 * length, generator=gen, dtype=torch.float64)[..., ::2]
+    return (t + offset).to(dtype)
+
+
+def run_passes(shape, x_layout, g_layout, dtype, offset=0.0):
+    gen = torch.Generator().manual_seed(0)
+    x, g = rows(shape, x_layout, dtype, gen, offset), rows(shape, g_layout, dtype, gen)
+    acc = rowwise.accumulation_dtype(dtype)
+    m = (torch.randn(shape[:2], generator=gen, dtype=torch.float64) + offset).to(acc)
+    a, b, p, q = (torch.randn(shape[:2], generator=gen, dtype=torch.float64).to(acc) for _ in range(4))
+    results = (rowwise.row_moments(x), rowwise.row_normalize(x, m, a, b), rowwise.row_grad_sums(g, x, m),
+               rowwise.row_normalize_backward(g, x, m, a, p, q))
+    xd, gd = x.double(), g.double()
+    md, ad, bd, pd, qd = (t.double()[..., None] for t in (m, a, b, p, q))
+    mean = xd.mean(2, keepdim=True)
+    expected = ((mean[..., 0], (xd - mean).square().mean(2)), (xd - md) * ad + bd,
+                (gd.sum(2), (gd * (xd - md)).sum(2)), gd * ad + (xd - md) * pd + qd)
+    return x, acc, results, expected
+
+
+@pytest.mark.parametrize('dtype', list(TOLERANCE), ids=str)
+@pytest.mark.parametrize('layouts', [('ncl', 'ncl'), ('nlc', 'nlc'), ('ncl', 'nlc'), ('nlc', 'ncl'),
+                                     ('strided', 'ncl')], ids='-'.join)
+@pytest.mark.parametrize('shape', [(2, 3, 7), (0, 3, 5), (1, 4, 1), (3, 5, 1), (2, 4, 300)], ids=str)
+def test_passes_match_float64_formulas(shape, layouts, dtype):
+    x, acc, ((mean, var), y, (sum_g, sum_gc), dx), expected = run_passes(shape, *layouts, dtype)
+    (ref_mean, ref_var), ref_y, (ref_sg, ref_sgc), ref_dx = expected
+    stat_tol = 1e-12 if acc == torch.float64 else 1e-5
+    for ours, ref, scale in ((mean, ref_mean, 1), (var, ref_var, 1), (sum_g, ref_sg, shape[2]),
+                             (sum_gc, ref_sgc, shape[2])):
+        assert ours.dtype == acc and ours.shape == shape[:2]
+        torch.testing.assert_close(ours.double(), ref, rtol=stat_tol, atol=stat_tol * scale)
+    tol = TOLERANCE[dtype]
+    for ours, ref in ((y, ref_y), (dx, ref_dx)):
+        assert ours.dtype == dtype and ours.stride() == x.stride(), 'x\'s dtype and layout'
+        torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize('layout', ['ncl', 'nlc'])
+def test_large_offsets_keep_float32_precision(layout):
+    """At mean / std = 1e4: statistics to the rounding of the mean, centred outputs to float32 precision."""
+    offset = 1e4
+    x, _, ((mean, var), y, (sum_g, sum_gc), dx), expected = run_passes((2, 3, 500), layout, layout,
+                                                                       torch.float32, offset)
+    (ref_mean, ref_var), ref_y, (_, ref_sgc), ref_dx = expected
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=0, atol=offset * 2.0**-24)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sum_gc.double(), ref_sgc, rtol=0, atol=1e-5 * ref_sgc.abs().max().item())
+    for ours, ref in ((y, ref_y), (dx, ref_dx)):
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-6, atol=1e-5)

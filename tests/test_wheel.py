@@ -48,6 +48,7 @@ def _user_manifest(home: Path) -> str:
 @pytest.mark.slow
 def test_installed_wheel_resolves_every_manifest_name(tmp_path):
     source = tmp_path / 'source'
+    source.mkdir()
     for name in BUILD_INPUTS:
         if (REPO / name).is_dir():
             shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns('__pycache__'))

@@ -513,28 +513,33 @@ def test_double_backward_raises(estimate):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('estimate', [False, True])
-def test_torch_compile_matches_eager(estimate):
-    """torch.compile (inductor, what mmengine's compile=True uses) over the layer: same outputs,
-    gradients and statistics as eager, over two training steps."""
+def test_torch_compile_matches_eager():
+    """torch.compile over both modes: same outputs, gradients and statistics as eager, over two
+    training steps. The aot_eager backend traces the layer as inductor (mmengine's compile=True)
+    does, dynamo and AOT autograd through the custom Function, without its minute of C++ codegen."""
     torch.manual_seed(0)
-    layer = BatchChannelNorm(8, num_groups=4, estimate=estimate, update_rate=0.3)
-    randomize_affine(layer)
-    eager = copy.deepcopy(layer)
-    compiled = torch.compile(layer)
+    model = nn.Sequential(BatchChannelNorm(8, num_groups=4), nn.ReLU(inplace=True),
+                          BatchChannelNorm(8, num_groups=2, estimate=True, update_rate=0.3))
+    for layer in model:
+        if isinstance(layer, BatchChannelNorm):
+            randomize_affine(layer)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend='aot_eager')
     for step in range(2):
         x = torch.randn(2, 8, 5, 5) * (step + 1) + 1
         outputs = []
-        for model in (compiled, eager):
+        for module in (compiled, eager):
             xs = x.clone().requires_grad_()
-            y = model(xs)
+            y = module(xs)
             y.square().sum().backward()
             outputs.append((y, xs.grad))
         torch.testing.assert_close(*[o[0] for o in outputs])
         torch.testing.assert_close(*[o[1] for o in outputs])
-    for got, expected in zip(list(layer.buffers()) + [p.grad for p in layer.parameters()],
-                             list(eager.buffers()) + [p.grad for p in eager.parameters()]):
+    for got, expected in zip(model.buffers(), eager.buffers()):
         torch.testing.assert_close(got, expected)
+    # Sums of O(1) terms in another order: absolute float32 noise on gradients of order 1e-3.
+    for got, expected in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_layer_shared_within_one_forward():
@@ -598,7 +603,41 @@ def _distributed_worker(rank, world_size, sizes, out_dir):
     (y * grad_out[local]).sum().backward()
     result['large'] = (y.detach(), x.grad, [p.grad for p in large.parameters()], large.running_mean.clone(),
                        large.running_var.clone())
+    result.update(_empty_global_batch(rank))
     torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
+
+
+def _empty_global_batch(rank):
+    """Synchronized BCN on a global batch empty, or of one value per channel: nothing changes; and no
+    host synchronization in any synchronized forward or backward."""
+    torch.manual_seed(rank)
+    result, counter = {}, _HostSyncCounter()
+
+    def unchanged(layer, state):
+        return all(torch.equal(v, state[k]) for k, v in layer.state_dict().items())
+
+    for estimate in (False, True):
+        layer = BatchChannelNorm(8, num_groups=4, estimate=estimate, sync=True, update_rate=0.5,
+                                 momentum=None).double()
+        x = torch.randn(0, 8, 3, dtype=torch.float64, requires_grad=True)
+        with counter:
+            layer(torch.randn(3, 8, 2, dtype=torch.float64) + 1).sum().backward()
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        with counter:
+            y = layer(x)
+            y.sum().backward()
+        result[f'empty, estimate={estimate}'] = (tuple(y.shape), unchanged(layer, state))
+    # One value per channel over all ranks (rank 0 holds a 1x1 sample, the others nothing): no
+    # unbiased variance, so the running statistics and num_batches_tracked stay as they are.
+    layer = BatchChannelNorm(8, num_groups=4, sync=True)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(int(rank == 0), 8, 1, 1, requires_grad=True)
+    with counter:
+        y = layer(x)
+        (y * torch.randn_like(y)).sum().backward()
+    result['single value'] = (bool(torch.isfinite(x.grad).all()), unchanged(layer, state))
+    result['host syncs'] = counter.count
+    return result
 
 
 @pytest.mark.slow
@@ -629,40 +668,7 @@ def test_distributed_estimates_identical_and_sync_matches_concatenated_batch(siz
     for res in results:
         torch.testing.assert_close(res['large'][3], single.running_mean)
         torch.testing.assert_close(res['large'][4], single.running_var)
-
-
-def _empty_ranks_worker(rank, world_size, out_dir):
-    """Synchronized BCN with a global batch empty or of one value per channel: nothing changes."""
-    torch.manual_seed(rank)
-    result = {}
-    with _HostSyncCounter() as counter:
-        for estimate in (False, True):
-            layer = BatchChannelNorm(8, num_groups=4, estimate=estimate, sync=True, update_rate=0.5,
-                                     momentum=None).double()
-            layer(torch.randn(3, 8, 2, dtype=torch.float64) + 1).sum().backward()
-            state = {k: v.clone() for k, v in layer.state_dict().items()}
-            x = torch.randn(0, 8, 3, dtype=torch.float64, requires_grad=True)
-            y = layer(x)
-            y.sum().backward()
-            result[estimate] = (tuple(y.shape), all(torch.equal(v, state[k]) for k, v in layer.state_dict().items()))
-        # One value per channel over all ranks (rank 0 holds a 1x1 sample, the others nothing): no
-        # unbiased variance, so the running statistics and num_batches_tracked stay as they are.
-        layer = BatchChannelNorm(8, num_groups=4, sync=True)
-        state = {k: v.clone() for k, v in layer.state_dict().items()}
-        x = torch.randn(int(rank == 0), 8, 1, 1, requires_grad=True)
-        y = layer(x)
-        (y * torch.randn_like(y)).sum().backward()
-        result['single'] = (bool(torch.isfinite(x.grad).all()),
-                            all(torch.equal(v, state[k]) for k, v in layer.state_dict().items()))
-    result['host_syncs'] = counter.count
-    torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
-
-
-@pytest.mark.slow
-def test_distributed_empty_global_batch_changes_nothing(tmp_path):
-    run_distributed(_empty_ranks_worker, 2, str(tmp_path))
-    for rank in range(2):
-        result = torch.load(tmp_path / f'rank{rank}.pt')
-        assert result[False] == ((0, 8, 3), True) and result[True] == ((0, 8, 3), True)
-        assert result['single'] == (True, True)
-        assert result['host_syncs'] == 0
+    for res in results:  # see _empty_global_batch
+        assert res['empty, estimate=False'] == ((0, 8, 3), True) and res['empty, estimate=True'] == ((0, 8, 3), True)
+        assert res['single value'] == (True, True)
+        assert res['host syncs'] == 0

@@ -30,6 +30,11 @@ def interpreter(monkeypatch):
 def _step(backend, monkeypatch, layer, x, grad_out, steps=2):
     """``steps`` training steps (estimates and running statistics move), then one in eval."""
     monkeypatch.setenv('NORM_PLUGINS_BACKEND', backend)
+    calls, passes = [], ('row_moments', 'row_normalize', 'row_grad_sums', 'row_normalize_backward')
+    for name in passes:
+        kernel = getattr(triton_rowwise, name)
+        monkeypatch.setattr(triton_rowwise, name, lambda *args, kernel=kernel, name=name: calls.append(name)
+                            or kernel(*args))
     results = []
     for mode in ['train'] * steps + ['eval']:
         layer.train(mode == 'train')
@@ -39,6 +44,7 @@ def _step(backend, monkeypatch, layer, x, grad_out, steps=2):
         y.backward(grad_out)
         results.append((y, xs.grad, [p.grad for p in layer.parameters()],
                         [b.clone() for b in layer.buffers()]))
+    assert set(calls) == (set(passes) if backend == 'triton' else set())  # all four passes, or none
     return results
 
 

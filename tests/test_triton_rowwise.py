@@ -41,6 +41,14 @@ def interpreter(monkeypatch):
 
 
 @pytest.fixture
+def launches(monkeypatch):
+    """The grids of the kernel launches made while the test runs (combine launches excepted)."""
+    log, grid = [], triton_rowwise._grid
+    monkeypatch.setattr(triton_rowwise, '_grid', lambda *args: log.append(args) or grid(*args))
+    return log
+
+
+@pytest.fixture
 def poisoned(monkeypatch):
     """Fresh float tensors start as NaN, so an element a kernel fails to write cannot pass."""
     empty_like, new_empty = torch.empty_like, torch.Tensor.new_empty
@@ -104,11 +112,10 @@ def assert_tensor_close(actual, expected, like):
 
 
 def run_all(x, g, m, a, b, p, q, plan=None):
-    acc = rowwise.accumulation_dtype(x.dtype)
     return (triton_rowwise.row_moments_impl(x, plan),
             triton_rowwise.row_normalize_impl(x, m, a, b, plan),
             triton_rowwise.row_grad_sums_impl(g, x, m, plan),
-            triton_rowwise.row_normalize_backward_impl(g, x, m, a, p, q, plan), acc)
+            triton_rowwise.row_normalize_backward_impl(g, x, m, a, p, q, plan))
 
 
 def check_all(shape, x_layout, g_layout, dtype, plan_args=None, offset=0.0, seed=0):
@@ -119,8 +126,8 @@ def check_all(shape, x_layout, g_layout, dtype, plan_args=None, offset=0.0, seed
     acc = rowwise.accumulation_dtype(dtype)
     m = coefficient(n, c, gen, acc, offset=offset)
     a, b, p, q = (coefficient(n, c, gen, acc) for _ in range(4))
-    plan = None if plan_args is None else make_plan(tuple(x.shape), x.stride(), 132, **plan_args)
-    (mean, var), y, (sum_g, sum_gx), dx, acc = run_all(x, g, m, a, b, p, q, plan)
+    plan = plan_args and make_plan(tuple(x.shape), x.stride(), 132, **plan_args)
+    (mean, var), y, (sum_g, sum_gx), dx = run_all(x, g, m, a, b, p, q, plan)
     (ref_mean, ref_var), ref_y, (ref_sg, ref_sgx), ref_dx = reference(x, g, m, a, b, p, q)
     length = x.shape[2]
     assert_stats_close(mean, ref_mean, acc, 1.0 + abs(offset))
@@ -229,7 +236,7 @@ def test_plan_fills_the_gpu(shape, layout):
         assert plan.split > 1
 
 
-def test_dispatch_from_rowwise(monkeypatch):
+def test_dispatch_from_rowwise(monkeypatch, launches):
     """rowwise.py's functions reach the kernels with NORM_PLUGINS_BACKEND=triton and agree with the
     torch path."""
     gen = torch.Generator().manual_seed(5)
@@ -242,10 +249,7 @@ def test_dispatch_from_rowwise(monkeypatch):
         results[backend] = (*rowwise.row_moments(x), rowwise.row_normalize(x, m, a, b),
                             *rowwise.row_grad_sums(g, x, m),
                             rowwise.row_normalize_backward(g, x, m, a, p, q))
-    calls = []
-    monkeypatch.setattr(triton_rowwise, '_grid', lambda *args: calls.append(args) or (0, 0))
-    rowwise.row_moments(x)
-    assert calls, 'NORM_PLUGINS_BACKEND=triton did not launch the kernel'
+        assert len(launches) == (4 if backend == 'triton' else 0)
     for got, want in zip(results['triton'], results['torch']):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert got.stride() == want.stride()
@@ -302,21 +306,24 @@ def test_torch_compile_matches_eager(monkeypatch):
 # Layers on the kernels: SN, SyncSN and BCN with NORM_PLUGINS_BACKEND=triton against the torch path
 # (float32) and the float64 layer, forward, backward and buffers, train then eval.
 
-def layer_step(layer, x, g, backend, monkeypatch):
-    """One forward+backward under ``backend``: output, input and parameter gradients, buffers."""
-    monkeypatch.setenv('NORM_PLUGINS_BACKEND', backend)
-    launches = []
-    grid = triton_rowwise._grid
-    monkeypatch.setattr(triton_rowwise, '_grid', lambda *args: launches.append(args) or grid(*args))
-    layer.zero_grad()
-    x = x.detach().requires_grad_()
-    y = layer(x)
-    forward_launches = len(launches)
-    y.backward(g)
-    if backend == 'triton':
-        assert 0 < forward_launches < len(launches), 'forward and backward must run the kernels'
-    assert y.stride() == x.stride(), 'the output must keep the input\'s layout'
-    return [y, x.grad, *(p.grad for p in layer.parameters()), *(b.clone() for b in layer.buffers())]
+@pytest.fixture
+def layer_step(monkeypatch, launches):
+    def step(layer, x, g, backend):
+        """One forward+backward under ``backend``: output, input and parameter gradients and
+        buffers."""
+        monkeypatch.setenv('NORM_PLUGINS_BACKEND', backend)
+        layer.zero_grad()
+        x = x.detach().requires_grad_()
+        before = len(launches)
+        y = layer(x)
+        forward = len(launches)
+        y.backward(g)
+        if backend == 'triton':
+            assert before < forward < len(launches), 'forward and backward must run the kernels'
+        assert y.stride() == x.stride(), 'the output must keep the input\'s layout'
+        return [y, x.grad, *(p.grad for p in layer.parameters()),
+                *(b.clone() for b in layer.buffers())]
+    return step
 
 
 def assert_all_close(got, want, tol):
@@ -330,7 +337,7 @@ def assert_all_close(got, want, tol):
             assert error <= tol * scale, (i, error, scale)
 
 
-def check_layer_on_kernels(layer, shape, monkeypatch, channels_last=False, dtype=torch.float32):
+def check_layer_on_kernels(step, layer, shape, channels_last=False, dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=gen) * 1.5 + 0.5).to(dtype)
     g = torch.randn(shape, generator=gen).to(dtype)
@@ -340,15 +347,14 @@ def check_layer_on_kernels(layer, shape, monkeypatch, channels_last=False, dtype
     for training in (True, False):
         for module in (layer, on_torch, exact):
             module.train(training)
-        got = layer_step(layer, x, g, 'triton', monkeypatch)
-        want = layer_step(on_torch, x, g, 'torch', monkeypatch)
+        got = step(layer, x, g, 'triton')
+        want = step(on_torch, x, g, 'torch')
         if dtype in HALF_EPS:  # both paths round the same float32 values once: ulp level
             assert_all_close(got[:2], want[:2], HALF_EPS[dtype])
             assert_all_close(got[2:], want[2:], 1e-5)
         else:
             assert_all_close(got, want, 1e-5)
-            exact_results = layer_step(exact, x.double(), g.double(), 'torch', monkeypatch)
-            assert_all_close(got, exact_results, 1e-5)
+            assert_all_close(got, step(exact, x.double(), g.double(), 'torch'), 1e-5)
 
 
 SN_CONFIGS = {
@@ -365,34 +371,34 @@ SN_CONFIGS = {
 
 @pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
 @pytest.mark.parametrize('config', list(SN_CONFIGS))
-def test_switchable_norm_on_kernels(monkeypatch, config, channels_last):
+def test_switchable_norm_on_kernels(layer_step, config, channels_last):
     layer = sn_tests.randomized(SwitchableNorm(4, **{'momentum': 0.3, **SN_CONFIGS[config]}))
-    check_layer_on_kernels(layer, (2, 4, 3, 5), monkeypatch, channels_last)
+    check_layer_on_kernels(layer_step, layer, (2, 4, 3, 5), channels_last)
 
 
 @pytest.mark.parametrize('shape', [(3, 4, 7), (2, 4, 3, 2, 3), (3, 4, 1, 1), (1, 4, 3, 5)],
                          ids=['1d', '3d', 'one-pixel', 'one-sample'])
-def test_switchable_norm_on_kernels_shapes(monkeypatch, shape):
+def test_switchable_norm_on_kernels_shapes(layer_step, shape):
     unbiased = shape == (3, 4, 1, 1)  # the L - 1 correction must stay finite on 1x1 maps
     layer = sn_tests.randomized(SwitchableNorm(4, unbiased_instance_var=unbiased))
-    check_layer_on_kernels(layer, shape, monkeypatch)
+    check_layer_on_kernels(layer_step, layer, shape)
 
 
 @pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
 @pytest.mark.parametrize('estimate', [False, True], ids=['large-batch', 'micro-batch'])
-def test_batch_channel_norm_on_kernels(monkeypatch, estimate, channels_last):
+def test_batch_channel_norm_on_kernels(layer_step, estimate, channels_last):
     layer = BatchChannelNorm(4, num_groups=2, estimate=estimate, update_rate=0.3, momentum=0.3)
     bcn_tests.randomize_affine(layer)
-    check_layer_on_kernels(layer, (2, 4, 3, 5), monkeypatch, channels_last)
+    check_layer_on_kernels(layer_step, layer, (2, 4, 3, 5), channels_last)
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
-def test_half_layers_on_kernels(monkeypatch, dtype):
+def test_half_layers_on_kernels(layer_step, dtype):
     sn = sn_tests.randomized(SwitchableNorm(4))
-    check_layer_on_kernels(sn, (2, 4, 3, 5), monkeypatch, channels_last=True, dtype=dtype)
+    check_layer_on_kernels(layer_step, sn, (2, 4, 3, 5), channels_last=True, dtype=dtype)
     bcn = BatchChannelNorm(4, num_groups=2, estimate=True)
     bcn_tests.randomize_affine(bcn)
-    check_layer_on_kernels(bcn, (2, 4, 3, 5), monkeypatch, dtype=dtype)
+    check_layer_on_kernels(layer_step, bcn, (2, 4, 3, 5), dtype=dtype)
 
 
 def test_large_offsets_on_kernels(monkeypatch):
@@ -423,7 +429,7 @@ def test_sync_switchable_norm_on_kernels(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('backend', ['auto', 'triton'])
-def test_torch_compile_of_layers(monkeypatch, backend):
+def test_torch_compile_of_layers(monkeypatch, launches, backend):
     """Conv-SN-ReLU and WSConv-BCN-ReLU under torch.compile equal eager over two training steps and
     an eval forward: the default backend (the torch path on CPU) through inductor, and the kernels
     (opaque custom ops inside the layers' autograd functions) through aot_eager."""
@@ -433,9 +439,6 @@ def test_torch_compile_of_layers(monkeypatch, backend):
     models = [nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), SwitchableNorm(8), nn.ReLU()),
               nn.Sequential(WSConv2d(3, 8, 3, padding=1), BatchChannelNorm(8, num_groups=4),
                             nn.ReLU())]
-    launches = []
-    grid = triton_rowwise._grid
-    monkeypatch.setattr(triton_rowwise, '_grid', lambda *args: launches.append(args) or grid(*args))
     for eager in models:
         sn_or_bcn = eager[1]
         if isinstance(sn_or_bcn, SwitchableNorm):

@@ -56,6 +56,15 @@ class SwitchableNorm(nn.Module):
 
     The running variance stores the batch variance exactly as it was used in training (biased,
     or derived from the unbiased instance variance), so eval normalizes like training did.
+
+    Running statistics and ``num_batches_tracked`` move once per training forward, on the device
+    (no host synchronization), except: for a batch without elements (N = 0; for SyncSN, over all
+    ranks), which returns an empty output like BatchNorm; for the recomputation of gradient
+    checkpointing (``with_cp=True``, :mod:`norm_plugins.ops.recompute`); and for a hardened layer
+    whose BN ratios are 0, which computes no batch statistics. Training forwards under
+    ``torch.no_grad`` (batch-average recomputation, ``swa_utils.update_bn``) do update. The output
+    keeps the input's memory format (channels-last stays channels-last). Second derivatives are
+    not implemented and raise.
     """
     _abbr_ = 'sn'
 
@@ -116,6 +125,8 @@ class SwitchableNorm(nn.Module):
                 logits.fill_(1)
                 if self.hard_ratios:
                     logits.copy_(_hard_logits(logits))
+        if self.hard_ratios:
+            self._refresh_selection()
 
     def _mixture_logits(self) -> Dict[str, Tensor]:
         return {name: getattr(self, name) for name in ('mean_weight', 'var_weight')
@@ -135,6 +146,7 @@ class SwitchableNorm(nn.Module):
             delattr(self, name)
             self.register_buffer(name, _hard_logits(logits.detach()))
         self.hard_ratios = True
+        self._refresh_selection()
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -143,6 +155,8 @@ class SwitchableNorm(nn.Module):
                 if prefix + name in state_dict:
                     state_dict[prefix + name] = _hard_logits(state_dict[prefix + name])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.hard_ratios:
+            self._refresh_selection()
 
     def _full_ratios(self, logits: Tensor) -> Tensor:
         """Softmax over the used normalizers, laid out as (IN, LN, BN) with zeros for unused ones."""
@@ -174,21 +188,16 @@ class SwitchableNorm(nn.Module):
         """Whether BN statistics enter the output: 'bn' is a normalizer and, once hardened, selected.
 
         A hardened layer whose BN ratios are exactly 0 computes no batch moments (SyncSN does not
-        all-reduce) and leaves its running statistics alone. The selection is read from the logits
-        once per change (their version counter), not at every call: reading a device tensor on the
-        host would synchronize the GPU.
+        all-reduce) and leaves its running statistics alone. The selection is a Python flag set
+        when the logits are hardened, reset or loaded, so forward never reads a tensor on the host
+        (a GPU synchronization) and traces for export.
         """
-        if 'bn' not in self.normalizers:
-            return False
-        if not self.hard_ratios:
-            return True
-        logits = tuple(self._mixture_logits().values())
-        key = tuple((t.data_ptr(), t._version) for t in logits)
-        if getattr(self, '_selection_key', None) != key:
-            bn = self.normalizers.index('bn')
-            self._bn_selected = any(int(t.argmax()) == bn for t in logits)
-            self._selection_key = key
-        return self._bn_selected
+        return 'bn' in self.normalizers and (not self.hard_ratios or self._bn_selected)
+
+    @torch.no_grad()
+    def _refresh_selection(self) -> None:
+        bn = self.normalizers.index('bn') if 'bn' in self.normalizers else -1
+        self._bn_selected = any(int(t.argmax()) == bn for t in self._mixture_logits().values())
 
     def forward(self, x: Tensor) -> Tensor:
         check_norm_input(type(self).__name__, x, self.num_features)
@@ -196,8 +205,7 @@ class SwitchableNorm(nn.Module):
         use_batch_stats = uses_bn and (self.training or not self.track_running_stats)
         # A checkpoint recomputation must not count the batch twice (see ops/recompute.py).
         update_stats = use_batch_stats and self.track_running_stats and not is_recomputing()
-        mean_ratio = self._full_ratios(self.mean_weight)
-        var_ratio = mean_ratio if self.tied else self._full_ratios(self.var_weight)
+        mean_ratio, var_ratio = self.mixture_ratios()
         n, c = x.shape[:2]
         y = SwitchableNormFunction.apply(
             x.reshape(n, c, math.prod(x.shape[2:])), self.weight, self.bias, mean_ratio, var_ratio,

@@ -1,5 +1,7 @@
 """BCN (both modes) on the Triton kernels, run on CPU tensors through Triton's interpreter, against
-the torch path: outputs, input and parameter gradients, statistics and estimates."""
+the torch path: outputs, input and parameter gradients, statistics and estimates, over the shape cases
+of BCN (1D/3D, N = 0, N = 1, 1x1 maps, L not a multiple of the block); test_triton_rowwise.py covers
+the common 2D case, half inputs and the large-offset bound on the kernels."""
 import copy
 import os
 
@@ -49,15 +51,12 @@ def _step(backend, monkeypatch, layer, x, grad_out, steps=2):
 
 
 @pytest.mark.parametrize('shape,estimate,dtype,channels_last', [
-    ((2, 8, 5, 7), False, torch.float32, False),
-    ((2, 8, 5, 7), True, torch.float32, True),
     ((3, 8, 33), False, torch.float32, False),      # 1D, L not a multiple of the block
     ((1, 8, 1, 1), True, torch.float32, False),      # N = 1, L = 1
     ((2, 8, 1, 1), False, torch.float32, True),
     ((0, 8, 3, 3), False, torch.float32, False),     # empty batch
     ((2, 8, 2, 3, 4), True, torch.float32, False),   # 3D
     ((2, 8, 4, 6), False, torch.bfloat16, True),
-    ((2, 8, 4, 6), True, torch.float16, False),
 ])
 def test_triton_backend_matches_torch_path(shape, estimate, dtype, channels_last, monkeypatch):
     torch.manual_seed(0)

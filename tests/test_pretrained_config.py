@@ -14,9 +14,8 @@ from mmengine.registry import DefaultScope
 import pretrained_helpers as authors
 from norm_plugins.pretrained import (ConversionError, IncompatibleBackboneError, ManifestError,
                                      PretrainedSettingsMismatchWarning, PretrainingBatchMismatchWarning,
-                                     check_pretrained_config,
-                                     UnknownPretrainedError, check_pretraining_batch, file_sha256, get_entry,
-                                     load_pretrained)
+                                     UnknownPretrainedError, check_pretrained_config, check_pretraining_batch,
+                                     file_sha256, get_entry, load_pretrained)
 
 TOOLS = Path(__file__).resolve().parents[1] / 'tools'
 SN_NORM = "dict(type='SN', normalizers=('in', 'ln', 'bn'), unbiased_instance_var=True)"

@@ -22,7 +22,8 @@ mmcv's ops are built for CUDA when torch is a CUDA build and nvcc is found (FORC
 TORCH_CUDA_ARCH_LIST from the visible GPUs unless set, MAX_JOBS from the cores), else for CPU.
 Environment: PYTHON (base interpreter, default python3), NORM_PLUGINS_VENV (default .venv),
 NORM_PLUGINS_WHEEL_CACHE (default ~/.cache/norm_plugins/wheels), NORM_PLUGINS_MMCV_OPS
-(auto, cpu or cuda), NORM_PLUGINS_EXTRAS (the package extras to install), TORCH_CUDA_ARCH_LIST, MAX_JOBS.
+(auto, cpu or cuda), NORM_PLUGINS_EXTRAS (the package extras to install), NORM_PLUGINS_HEARTBEAT
+(seconds between the build's progress lines, default 30), TORCH_CUDA_ARCH_LIST, MAX_JOBS.
 EOF
 }
 
@@ -34,6 +35,7 @@ PYTHON="${PYTHON:-python3}"
 TORCH_PIN="torch==2.13.0"
 CPU_TORCH_INDEX="https://download.pytorch.org/whl/cpu"
 MMCV_PIN="mmcv==2.1.0"
+HEARTBEAT="${NORM_PLUGINS_HEARTBEAT:-30}"
 
 say() { echo "[setup] $*"; }
 fail() {
@@ -160,21 +162,22 @@ build_mmcv() {
   tmp="$(mktemp -d)"
   mkdir -p "$FLAVOUR_DIR"
   say "building $MMCV_PIN with $OPS ops into $FLAVOUR_DIR (once per flavour; about 10 minutes on 2 cores"
-  say "for CPU ops, 4 minutes on 16 cores for one CUDA arch); a line every 30 s; log: $log"
+  say "for CPU ops, 4 minutes on 16 cores for one CUDA arch); a line every $HEARTBEAT s; log: $log"
   # TMPDIR puts pip's build tree where the heartbeat can count the compiled objects.
   env TMPDIR="$tmp" "${BUILD_ENV[@]}" "${PIP[@]}" wheel -v --no-build-isolation --no-deps "${SOURCE[@]}" \
     -w "$tmp/wheel" "$MMCV_PIN" >"$log" 2>&1 &
   pid=$!
-  next=$((SECONDS + 30))
+  next=$((SECONDS + HEARTBEAT))
   while kill -0 "$pid" 2>/dev/null; do
     sleep 1
     if ((SECONDS >= next)); then
       build_progress "$tmp" "$start"
-      next=$((SECONDS + 30))
+      next=$((SECONDS + HEARTBEAT))
     fi
   done
   if ! wait "$pid"; then
-    tail -n 20 "$log" | sed 's/^/[setup]   /' >&2
+    # The compiler's own error lines if any (pip's output around them is long), else the log's end.
+    { grep -E ': (fatal )?error' "$log" | tail -n 15 || tail -n 20 "$log"; } | sed 's/^/[setup]   /' >&2
     rm -rf "$tmp"
     fail "building $MMCV_PIN failed after $(elapsed $((SECONDS - start))); the whole log: $log" \
          "install what the log asks for (gcc/g++, the Python headers, nvcc for CUDA ops), then rerun"

@@ -58,7 +58,7 @@ class SwitchableNormFunction(torch.autograd.Function):
                 momentum: Optional[float], eps: float, unbiased: bool, group) -> Tensor:
         acc = accumulation_dtype(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            n, c, spatial = x.shape
+            _, c, spatial = x.shape
             mu_in, var_in = row_moments(x)
             k = spatial / (spatial - 1) if unbiased and spatial > 1 else 1.0
             if k != 1.0:
@@ -89,7 +89,7 @@ class SwitchableNormFunction(torch.autograd.Function):
 
         ctx.save_for_backward(x, weight, mean_ratio, var_ratio, mu_in, var_in, mu_ln, var_ln, mu_bn,
                               var_bn, mean, rstd, count)
-        ctx.meta = (k, use_batch_stats, group)
+        ctx.meta = (k, group)
         return y
 
     @staticmethod
@@ -97,9 +97,8 @@ class SwitchableNormFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (x, weight, mean_ratio, var_ratio, mu_in, var_in, mu_ln, var_ln, mu_bn, var_bn, mean, rstd,
          count) = ctx.saved_tensors
-        k, use_batch_stats, group = ctx.meta
+        k, group = ctx.meta
         with torch.autocast(x.device.type, enabled=False):
-            n, c, spatial = x.shape
             sum_g, sum_gc = row_grad_sums(grad, x, mean)
             a = rstd if weight is None else rstd * weight.to(rstd.dtype)
             d_mean = -a * sum_g
@@ -112,7 +111,7 @@ class SwitchableNormFunction(torch.autograd.Function):
             dx = None
             if ctx.needs_input_grad[0]:
                 dx = _input_grad(grad, x, mean_ratio.to(rstd.dtype), var_ratio.to(rstd.dtype), mu_in, mu_ln,
-                                 mu_bn, mean, a, d_mean, d_var, count if use_batch_stats else None, k, group)
+                                 mu_bn, mean, a, d_mean, d_var, count, k, group)
             d_weight = d_bias = None
             if weight is not None:  # affine: weight and bias come together
                 d_weight = (sum_gc * rstd).sum(0).to(weight.dtype)
@@ -122,8 +121,9 @@ class SwitchableNormFunction(torch.autograd.Function):
 
 
 def _input_grad(grad, x, rm, rv, mu_in, mu_ln, mu_bn, mean, a, d_mean, d_var, count, k, group):
-    """``dx = g a + (x - M) P + Q`` with the (N, C) coefficients of the module docstring."""
-    n, c, spatial = x.shape
+    """``dx = g a + (x - M) P + Q`` with the (N, C) coefficients of the module docstring; ``count``
+    (elements per channel over all ranks) is ``None`` when the BN moments were constants."""
+    _, c, spatial = x.shape
     inv_l, inv_cl = 1.0 / spatial, 1.0 / (c * spatial)
     d_var_in, d_var_ln = rv[0] * d_var, rv[1] * d_var.sum(1, keepdim=True)
     p = 2 * k * (inv_l * d_var_in + inv_cl * d_var_ln)

@@ -78,7 +78,7 @@ def _fill(size: Tuple[int, int], polygons: Sequence[np.ndarray], values: Sequenc
     return np.array(label)
 
 
-def make_coco(root: Path, num_train: int = 4, num_val: int = 2, size: Tuple[int, int] = (96, 72),
+def make_coco(root: Path, num_train: int = 4, num_val: int = 1, size: Tuple[int, int] = (96, 72),
               seed: int = 0) -> Path:
     """COCO 2017 layout under ``root`` (see the module docstring); returns ``root``."""
     from mmdet.datasets import CocoDataset
@@ -131,7 +131,7 @@ def _cityscapes_instance_json(images: List[Tuple[str, np.ndarray]]) -> Dict:
     return out
 
 
-def make_cityscapes(root: Path, num_train: int = 4, num_val: int = 2, size: Tuple[int, int] = (128, 64),
+def make_cityscapes(root: Path, num_train: int = 4, num_val: int = 1, size: Tuple[int, int] = (128, 64),
                     seed: int = 0) -> Path:
     """Cityscapes layout under ``root`` (see the module docstring); returns ``root``."""
     width, height = size
@@ -172,7 +172,7 @@ def make_cityscapes(root: Path, num_train: int = 4, num_val: int = 2, size: Tupl
     return root
 
 
-def make_ade20k(root: Path, num_train: int = 2, num_val: int = 2, size: Tuple[int, int] = (96, 64),
+def make_ade20k(root: Path, num_train: int = 2, num_val: int = 1, size: Tuple[int, int] = (96, 64),
                 seed: int = 0) -> Path:
     """ADE20K layout: ``root/ADEChallengeData2016`` (see the module docstring); returns that folder."""
     data = root / 'ADEChallengeData2016'

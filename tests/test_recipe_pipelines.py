@@ -39,13 +39,13 @@ RECIPES = sorted(p.relative_to(CONFIG_DIR).as_posix() for p in CONFIG_DIR.rglob(
                  if '_base_' not in p.parts and p.relative_to(CONFIG_DIR).parts[0] != 'demo')
 # One recipe per model x dataset through train.py and test.py, with every normalizer family among them.
 TRAIN_TEST = {
-    'mask-rcnn coco': 'mask_rcnn_sn.py',
-    'faster-rcnn coco': 'faster_rcnn/faster-rcnn_r50_fpn_bcn-ws-all_8xb2-1x_coco.py',
-    'mask-rcnn cityscapes': 'cityscapes/mask-rcnn_r50_fpn_syncsn-all_8xb2-1x_cityscapes.py',
-    'deeplabv3 cityscapes': 'deeplabv3/deeplabv3_r50-d8_sn-all_8xb2-80k_cityscapes-769x769.py',
-    'deeplabv3 ade20k': 'deeplabv3/deeplabv3_r50-d8_gn-ws-all_8xb2-80k_ade20k-512x512.py',
-    'pspnet cityscapes': 'pspnet/pspnet_r50-d8_bcn-ws-all_8xb2-80k_cityscapes-769x769.py',
-    'pspnet ade20k': 'pspnet/pspnet_r50-d8_syncsn-all_8xb2-80k_ade20k-512x512.py',
+    'mask-rcnn-coco': 'mask_rcnn_sn.py',
+    'faster-rcnn-coco': 'faster_rcnn/faster-rcnn_r50_fpn_bcn-ws-all_8xb2-1x_coco.py',
+    'mask-rcnn-cityscapes': 'cityscapes/mask-rcnn_r50_fpn_syncsn-all_8xb2-1x_cityscapes.py',
+    'deeplabv3-cityscapes': 'deeplabv3/deeplabv3_r50-d8_sn-all_8xb2-80k_cityscapes-769x769.py',
+    'deeplabv3-ade20k': 'deeplabv3/deeplabv3_r50-d8_gn-ws-all_8xb2-80k_ade20k-512x512.py',
+    'pspnet-cityscapes': 'pspnet/pspnet_r50-d8_bcn-ws-all_8xb2-80k_cityscapes-769x769.py',
+    'pspnet-ade20k': 'pspnet/pspnet_r50-d8_syncsn-all_8xb2-80k_ade20k-512x512.py',
 }
 BUILT_ONLY = [r for r in RECIPES if r not in TRAIN_TEST.values()]
 # Sizes divided by: COCO (1333, 800) -> (133, 80); Cityscapes (2048, 1024) -> (128, 64), crop 769 -> 48;

@@ -10,22 +10,29 @@ import pytest
 import torch
 from torch import nn
 
-# Triton decides at decoration time (when the kernel module is imported) whether @triton.jit builds
-# GPU kernels or interpreted ones, so the variable must be set before that import.
+# Triton chooses its interpreter once per process, when triton is imported (its own @triton.jit
+# library functions included): the variable must be set before that. On a GPU machine it is left
+# alone, so that the GPU tests of the same session run compiled kernels (tests/test_cuda.py); this
+# module then needs a process of its own: TRITON_INTERPRET=1 pytest tests/test_triton_rowwise.py.
 _saved_interpret = os.environ.get('TRITON_INTERPRET')
-os.environ['TRITON_INTERPRET'] = '1'
+if not torch.cuda.is_available():
+    os.environ['TRITON_INTERPRET'] = '1'
+if os.environ.get('TRITON_INTERPRET') != '1':
+    pytest.skip('Triton\'s interpreter was not chosen for this process (a GPU machine): run '
+                'TRITON_INTERPRET=1 pytest tests/test_triton_rowwise.py', allow_module_level=True)
+
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import test_batch_channel_norm as bcn_tests  # noqa: E402
 import test_switchable_norm as sn_tests  # noqa: E402
 import test_sync_switchable_norm as sync_tests  # noqa: E402
 from norm_plugins import BatchChannelNorm, SwitchableNorm, WSConv2d  # noqa: E402
-from norm_plugins.ops import rowwise, triton_rowwise  # noqa: E402
+from norm_plugins.ops import rowwise, triton_kernels, triton_rowwise  # noqa: E402
 from norm_plugins.ops.backend import use_triton  # noqa: E402
 from norm_plugins.ops.triton_rowwise import make_plan  # noqa: E402
 from norm_plugins.testing import run_distributed  # noqa: E402
 
-if _saved_interpret is None:
+if _saved_interpret is None:  # the choice is made; later tests see the variable as it was
     del os.environ['TRITON_INTERPRET']
 else:
     os.environ['TRITON_INTERPRET'] = _saved_interpret
@@ -35,8 +42,10 @@ HALF_EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 @pytest.fixture(autouse=True)
 def interpreter(monkeypatch):
-    assert isinstance(triton_rowwise._moments_kernel, InterpretedFunction), \
-        'norm_plugins.ops.triton_rowwise was imported before TRITON_INTERPRET=1 was set'
+    """CPU tensors run the kernels in Triton's interpreter (the backend asks for TRITON_INTERPRET=1
+    to take that slow path)."""
+    assert isinstance(triton_kernels.moments_kernel, InterpretedFunction), \
+        'triton was imported before TRITON_INTERPRET=1 was set'
     monkeypatch.setenv('TRITON_INTERPRET', '1')
 
 

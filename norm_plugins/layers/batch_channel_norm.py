@@ -277,7 +277,7 @@ class BatchChannelNorm(nn.Module):
         self.num_batches_tracked.add_(1 if valid is None else valid.to(self.num_batches_tracked.dtype))
         factor = self.momentum
         if factor is None:  # cumulative average
-            factor = self.num_batches_tracked.clamp(min=1).reciprocal().to(self.running_mean.dtype)
+            factor = self.num_batches_tracked.to(self.running_mean.dtype).clamp(min=1).reciprocal()
         # The variance is stored unbiased, as BatchNorm stores it.
         for buffer, batch in ((self.running_mean, mean), (self.running_var, var * correction)):
             updated = torch.lerp(buffer, batch.to(buffer.dtype), factor)

@@ -202,9 +202,13 @@ else
 fi
 
 say "installing mmcv, mmengine, mmdet, mmsegmentation and norm_plugins[$EXTRAS] (editable)"
-# --force-reinstall: an mmcv built for another torch or device may already be in the venv.
-"${PIP[@]}" install -q --force-reinstall --no-deps "$WHEEL" \
-  || fail "installing $WHEEL failed" "delete $FLAVOUR_DIR and rerun to rebuild it"
+# An mmcv built for another torch or device may be in the venv: reinstall unless it came from this wheel.
+MMCV_MARK="$VENV/.norm_plugins_mmcv_wheel"
+if [[ "$(cat "$MMCV_MARK" 2>/dev/null)" != "$WHEEL $(stat -c %Y "$WHEEL")" ]]; then
+  "${PIP[@]}" install -q --force-reinstall --no-deps "$WHEEL" \
+    || fail "installing $WHEEL failed" "delete $FLAVOUR_DIR and rerun to rebuild it"
+  echo "$WHEEL $(stat -c %Y "$WHEEL")" >"$MMCV_MARK"
+fi
 "${PIP[@]}" install -q --no-build-isolation "${SOURCE[@]}" "${CONSTRAINTS[@]}" --find-links "$FLAVOUR_DIR" \
   -e "$ROOT[$EXTRAS]" \
   || fail "installing norm_plugins and its pinned dependencies failed" "read the pip error above"

@@ -54,8 +54,8 @@ def _store_pair(first, second, out1_ptr, out2_ptr, part_ptr, R, rows, mask, FINA
 
 @triton.jit
 def moments_kernel(x_ptr, mean_ptr, var_ptr, part_ptr, R, C, L, chunk,
-                    stride_xn, stride_xc, stride_xl,
-                    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, FINAL: tl.constexpr):
+                   stride_xn, stride_xc, stride_xl,
+                   BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, FINAL: tl.constexpr):
     """Mean and M2 = sum (x - mean)^2 of one chunk of BLOCK_C rows (mean and M2 / L when FINAL).
 
     Every lane runs Welford over the positions it visits, on x minus the row's first value: with
@@ -93,9 +93,9 @@ def moments_kernel(x_ptr, mean_ptr, var_ptr, part_ptr, R, C, L, chunk,
 
 @triton.jit
 def grad_sums_kernel(g_ptr, x_ptr, m_ptr, sum_g_ptr, sum_gx_ptr, part_ptr, R, C, L, chunk,
-                      stride_gn, stride_gc, stride_gl, stride_xn, stride_xc, stride_xl,
-                      stride_mn, stride_mc,
-                      BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, FINAL: tl.constexpr):
+                     stride_gn, stride_gc, stride_gl, stride_xn, stride_xc, stride_xl,
+                     stride_mn, stride_mc,
+                     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, FINAL: tl.constexpr):
     """sum g and sum g * (x - M) over one chunk of BLOCK_C rows."""
     acc_ty = sum_g_ptr.dtype.element_ty
     n, cs, c_mask = _tile_origin(C, BLOCK_C)
@@ -118,8 +118,8 @@ def grad_sums_kernel(g_ptr, x_ptr, m_ptr, sum_g_ptr, sum_gx_ptr, part_ptr, R, C,
 
 @triton.jit
 def combine_kernel(part_ptr, x_ptr, out1_ptr, out2_ptr, R, C, L, chunk, n_split,
-                    stride_xn, stride_xc,
-                    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, MOMENTS: tl.constexpr):
+                   stride_xn, stride_xc,
+                   BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, MOMENTS: tl.constexpr):
     """Merges the (2, R, n_split) per-chunk partials of BLOCK_R rows: plain sums, or (MOMENTS)
     chunk means (shifted by the row's first value x[n, c, 0]) and M2 by Chan's formula into mean
     and biased variance."""
@@ -147,9 +147,9 @@ def combine_kernel(part_ptr, x_ptr, out1_ptr, out2_ptr, R, C, L, chunk, n_split,
 
 @triton.jit
 def normalize_kernel(x_ptr, y_ptr, m_ptr, a_ptr, b_ptr, C, L, chunk,
-                      stride_xn, stride_xc, stride_xl, stride_yn, stride_yc, stride_yl,
-                      stride_mn, stride_mc, stride_an, stride_ac, stride_bn, stride_bc,
-                      BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+                     stride_xn, stride_xc, stride_xl, stride_yn, stride_yc, stride_yl,
+                     stride_mn, stride_mc, stride_an, stride_ac, stride_bn, stride_bc,
+                     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """y = (x - M) * A + B over one chunk of BLOCK_C rows, computed in M's dtype."""
     acc_ty = m_ptr.dtype.element_ty
     n, cs, c_mask = _tile_origin(C, BLOCK_C)
@@ -169,10 +169,10 @@ def normalize_kernel(x_ptr, y_ptr, m_ptr, a_ptr, b_ptr, C, L, chunk,
 
 @triton.jit
 def normalize_backward_kernel(g_ptr, x_ptr, dx_ptr, m_ptr, a_ptr, p_ptr, q_ptr, C, L, chunk,
-                               stride_gn, stride_gc, stride_gl, stride_xn, stride_xc, stride_xl,
-                               stride_dn, stride_dc, stride_dl, stride_mn, stride_mc,
-                               stride_an, stride_ac, stride_pn, stride_pc, stride_qn, stride_qc,
-                               BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+                              stride_gn, stride_gc, stride_gl, stride_xn, stride_xc, stride_xl,
+                              stride_dn, stride_dc, stride_dl, stride_mn, stride_mc,
+                              stride_an, stride_ac, stride_pn, stride_pc, stride_qn, stride_qc,
+                              BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """dx = g * a + (x - M) * P + Q over one chunk of BLOCK_C rows, computed in M's dtype."""
     acc_ty = m_ptr.dtype.element_ty
     n, cs, c_mask = _tile_origin(C, BLOCK_C)

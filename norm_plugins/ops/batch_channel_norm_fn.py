@@ -12,8 +12,10 @@ ranks), BCN (Eq. 40, 42) is affine in x per row. With ``u = x - m`` (the row cen
     s_nk  = group_weight_k / sqrt(var_nk + eps)
     y     = (x - m) * A + B,   A = s a,   B = s hc + group_bias_k                           (Eq. 42)
 
-Every difference of large numbers, ``x - m`` and ``m - mean_c``, is taken before any scaling, so the
-result keeps BatchNorm's precision when |mean| / std is large (``x * A + B`` would cancel).
+Every difference of large numbers, ``x - m`` and ``m - mean_c``, is taken before any scaling, so
+where |mean| / std is large the result stays within 2x of BatchNorm's error (``x * A + B`` would
+cancel). What remains is the float32 rounding of the row means ``m``, which the backward's
+``(x - m)`` factor of the variance gradient sees once per row (BatchNorm once per channel).
 
 Backward, from the row sums ``S1 = sum_l g`` and ``S2 = sum_l g u`` (one pass over g and x):
 
@@ -26,8 +28,8 @@ Backward, from the row sums ``S1 = sum_l g`` and ``S2 = sum_l g u`` (one pass ov
   ``d weight = rstd_c sum_n (E2 + (m - mean_c) E1)``;
 - dx: with constant statistics, ``dx = a dL/dx'``; with batch statistics over ``count`` elements
   per channel, BatchNorm's backward adds ``-a (F1 + rstd_c (x - mean_c) F2) / count`` with
-  ``F1 = d bias``, ``F2 = d weight / weight`` summed over the synchronized ranks. Both are
-  ``dx = g A + (x - m) P + Q``:
+  ``F1 = sum dL/dx'`` (= d bias) and ``F2 = sum dL/dx' (x - mean_c) rstd_c`` (= d weight), both
+  summed over the synchronized ranks. Both are ``dx = g A + (x - m) P + Q``:
 
       P = a^2 p1 [- a rstd_c F2 / count],   Q = a (q1 + p1 hc) [- a (F1 + rstd_c (m - mean_c) F2) / count]
 

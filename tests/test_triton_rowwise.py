@@ -5,6 +5,8 @@ offsets, torch custom ops and torch.compile."""
 import copy
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -31,6 +33,7 @@ from norm_plugins.ops import rowwise, triton_kernels, triton_rowwise  # noqa: E4
 from norm_plugins.ops.backend import use_triton  # noqa: E402
 from norm_plugins.ops.triton_rowwise import make_plan  # noqa: E402
 from norm_plugins.testing import run_distributed  # noqa: E402
+from tools_helpers import REPO  # noqa: E402
 
 if _saved_interpret is None:  # the choice is made; later tests see the variable as it was
     del os.environ['TRITON_INTERPRET']
@@ -473,3 +476,24 @@ def test_torch_compile_of_layers(monkeypatch, launches, backend):
                                 *(b.clone() for b in model.buffers())])
             assert_all_close(results[1], results[0], 1e-5)
     assert bool(launches) == (backend == 'triton')
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_without_spills():
+    """The interpreter runs the kernels as Python; tools/triton_kernels_report.py compiles them for
+    sm_90 (no GPU needed) in a process without it: all four compile in both layouts and float32
+    and bfloat16, none spills, every load of x or g is 16 bytes wide and so is every store of y or
+    dx."""
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    report = subprocess.run([sys.executable, str(REPO / 'tools' / 'triton_kernels_report.py')],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0, report.stderr[-3000:]
+    lines = [line for line in report.stdout.splitlines() if line.startswith('| ')]
+    header = [cell.strip() for cell in lines[0].strip('|').split('|')]
+    rows = [dict(zip(header, (cell.strip() for cell in line.strip('|').split('|'))))
+            for line in lines[2:]]  # after the header and the separator
+    assert len(rows) == 4 * 2 * 2
+    for row in rows:
+        assert row['stack'] == '0' and row['load bits'] == '128', row
+        if row['kernel'].startswith('normalize'):
+            assert row['store bits'] == '128', row

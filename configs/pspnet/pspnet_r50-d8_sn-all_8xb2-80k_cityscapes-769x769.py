@@ -1,5 +1,5 @@
 # PSPNet R50-D8 + SN on Cityscapes (SN paper Sec. 4.3, Table 8): 8 GPUs x 2 crops of 769x769 (mmseg's size;
-# the paper crops 713x713), poly lr (power 0.9), 80k iterations (the paper's 400 epochs: ~74k at 16 images).
+# the paper crops 713x713), poly lr (power 0.9), 80k iterations (the TPAMI paper's 400 epochs: ~74k at 16 images).
 _base_ = [
     '../_base_/models/pspnet_r50-d8_sn.py', 'mmseg::_base_/datasets/cityscapes_769x769.py',
     'mmseg::_base_/default_runtime.py', 'mmseg::_base_/schedules/schedule_80k.py'

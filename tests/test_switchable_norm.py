@@ -170,17 +170,18 @@ def test_float32_matches_float64_reference_to_1e5_relative():
 
 
 def test_cumulative_average_when_momentum_is_none():
-    layer = SwitchableNorm(3, momentum=None)
+    """In float64 to 1e-12: the 1/k weights must not pass through float32."""
+    layer = SwitchableNorm(3, momentum=None).double()
     means, variances = [], []
     for seed in range(3):
-        x = sample((2, 3, 4, 4), seed=seed)
+        x = sample((2, 3, 4, 4), seed=seed, dtype=torch.float64)
         _, mu, var = reference_of(layer, x)
         means.append(mu)
         variances.append(var)
         layer(x)
     assert layer.num_batches_tracked.item() == 3
-    torch.testing.assert_close(layer.running_mean.double(), torch.stack(means).mean(0))
-    torch.testing.assert_close(layer.running_var.double(), torch.stack(variances).mean(0))
+    torch.testing.assert_close(layer.running_mean, torch.stack(means).mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.running_var, torch.stack(variances).mean(0), rtol=1e-12, atol=1e-12)
 
 
 def test_eval_without_running_stats_uses_the_batch():

@@ -146,7 +146,7 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches
     has_data = count > 0
     num_batches_tracked.add_(has_data.to(num_batches_tracked.dtype))
     if momentum is None:  # cumulative average over the batches seen
-        factor = num_batches_tracked.clamp(min=1).reciprocal().to(running_mean.dtype)
+        factor = num_batches_tracked.clamp(min=1).to(running_mean.dtype).reciprocal()
     else:
         factor = torch.full_like(count, momentum, dtype=running_mean.dtype)
     for running, batch in ((running_mean, mu_bn), (running_var, var_bn)):

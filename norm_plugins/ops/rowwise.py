@@ -141,11 +141,12 @@ def _half_affine(block: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, ou
 def _channel_blocks(x: Tensor) -> Optional[List[Tensor]]:
     """Views of (N, C, L) ``x`` whose channels are x's rows, as BatchNorm's CPU kernels take them
     without a copy: one (1, N*C, L) view of an NCL-contiguous x, or per sample a (1, C, L, 1)
-    channels-last view of a channels-last x. ``None`` for any other layout, for empty x, and while
-    torch.compile or torch.export traces: they get the plain formulas, which inductor fuses and
-    ONNX expresses (BatchNorm's statistics and backward ops have no decomposition there)."""
+    channels-last view of a channels-last x. ``None`` for any other layout, for empty x, off the
+    CPU (the kernels' contract above is checked there only), and while torch.compile or
+    torch.export traces: they get the plain formulas, which inductor fuses and ONNX expresses
+    (BatchNorm's statistics and backward ops have no decomposition there)."""
     n, c, length = x.shape
-    if x.numel() == 0 or torch.compiler.is_compiling():
+    if x.numel() == 0 or x.device.type != 'cpu' or torch.compiler.is_compiling():
         return None
     if x.is_contiguous():
         return [x.view(1, n * c, length)]

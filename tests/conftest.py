@@ -1,7 +1,15 @@
 """Suite-wide isolation from mmengine's process-global state; ``cuda`` tests skip without a GPU."""
+import os
+
 import pytest
 import torch
 from mmengine.registry import DefaultScope
+
+# Triton chooses between its interpreter and compiled kernels once per process, when it is first
+# imported. Without a GPU the interpreter is the only way to run the kernels (CI); on a GPU machine
+# the variable is left as the user set it, so that the cuda tests run compiled kernels.
+if not torch.cuda.is_available():
+    os.environ['TRITON_INTERPRET'] = '1'
 
 
 def pytest_collection_modifyitems(config, items):

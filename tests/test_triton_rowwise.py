@@ -12,16 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-# Triton chooses its interpreter once per process, when triton is imported (its own @triton.jit
-# library functions included): the variable must be set before that. On a GPU machine it is left
-# alone, so that the GPU tests of the same session run compiled kernels (tests/test_cuda.py); this
-# module then needs a process of its own: TRITON_INTERPRET=1 pytest tests/test_triton_rowwise.py.
-_saved_interpret = os.environ.get('TRITON_INTERPRET')
-if not torch.cuda.is_available():
-    os.environ['TRITON_INTERPRET'] = '1'
+# tests/conftest.py chooses Triton's interpreter for the process on machines without a GPU. On a GPU
+# machine the kernels compile instead (tests/test_cuda.py), and this module needs a process of its own.
 if os.environ.get('TRITON_INTERPRET') != '1':
-    pytest.skip('Triton\'s interpreter was not chosen for this process (a GPU machine): run '
-                'TRITON_INTERPRET=1 pytest tests/test_triton_rowwise.py', allow_module_level=True)
+    pytest.skip('a CUDA machine runs compiled Triton kernels in this process: run the interpreter tests '
+                'alone with TRITON_INTERPRET=1 pytest tests/test_triton_rowwise.py', allow_module_level=True)
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
@@ -34,11 +29,6 @@ from norm_plugins.ops.backend import use_triton  # noqa: E402
 from norm_plugins.ops.triton_rowwise import make_plan  # noqa: E402
 from norm_plugins.testing import run_distributed  # noqa: E402
 from tools_helpers import REPO  # noqa: E402
-
-if _saved_interpret is None:  # the choice is made; later tests see the variable as it was
-    del os.environ['TRITON_INTERPRET']
-else:
-    os.environ['TRITON_INTERPRET'] = _saved_interpret
 
 HALF_EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 

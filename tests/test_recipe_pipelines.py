@@ -146,10 +146,6 @@ def is_detector(cfg) -> bool:
     return 'roi_head' in cfg['model']
 
 
-def num_det_classes(cfg) -> int:
-    return cfg['model']['roi_head']['bbox_head']['num_classes']
-
-
 def favour_first_class(bias: torch.Tensor) -> torch.Tensor:
     """The box classifier's bias with class 0 at ``FAVOURED_LOGIT`` (background and the rest at 0)."""
     favoured = torch.zeros_like(bias)
@@ -157,16 +153,12 @@ def favour_first_class(bias: torch.Tensor) -> torch.Tensor:
     return favoured
 
 
-@pytest.fixture(scope='session')
-def classifier_checkpoints(tmp_path_factory) -> Dict[int, Path]:
-    """{number of classes: a checkpoint holding only the favouring box-classifier bias}."""
-    folder = tmp_path_factory.mktemp('classifier_bias')
-    paths = {}
-    for classes in (80, 8):
-        paths[classes] = folder / f'fc_cls_bias_{classes}.pth'
-        bias = favour_first_class(torch.zeros(classes + 1))
-        torch.save({'state_dict': {'roi_head.bbox_head.fc_cls.bias': bias}}, paths[classes])
-    return paths
+def classifier_checkpoint(cfg, folder: Path) -> Path:
+    """A checkpoint holding only the box classifier's favouring bias, for ``load_from``."""
+    path = folder / 'favoured_class.pth'
+    bias = favour_first_class(torch.zeros(cfg['model']['roi_head']['bbox_head']['num_classes'] + 1))
+    torch.save({'state_dict': {'roi_head.bbox_head.fc_cls.bias': bias}}, path)
+    return path
 
 
 def expected_metrics(cfg) -> Dict[str, Tuple[float, float]]:
@@ -212,14 +204,13 @@ def _options_args(options: Dict[str, object]) -> List[str]:
 
 
 @pytest.mark.parametrize('recipe', list(TRAIN_TEST.values()), ids=list(TRAIN_TEST))
-def test_train_validate_and_test(recipe, data_roots, classifier_checkpoints, tmp_path):
+def test_train_validate_and_test(recipe, data_roots, tmp_path):
     cfg = load_recipe(recipe)
-    load_from = classifier_checkpoints[num_det_classes(cfg)] if is_detector(cfg) else None
-    options = recipe_options(cfg, data_roots, load_from)
+    options = recipe_options(cfg, data_roots, classifier_checkpoint(cfg, tmp_path) if is_detector(cfg) else None)
     work_dir, config = tmp_path / 'train', str(CONFIG_DIR / recipe)
     # cwd: the Cityscapes metric writes its files under ./work_dirs.
-    run_tool([str(REPO / 'tools' / 'train.py'), config, '--work-dir', str(work_dir)] + _options_args(options),
-             cwd=tmp_path)
+    trained = run_tool([str(REPO / 'tools' / 'train.py'), config, '--work-dir', str(work_dir)]
+                       + _options_args(options), cwd=tmp_path)
 
     records = _scalars(work_dir)
     expected = expected_metrics(cfg)
@@ -228,6 +219,12 @@ def test_train_validate_and_test(recipe, data_roots, classifier_checkpoints, tmp
     validations = [r for r in records if set(expected) & set(r)]
     assert len(validations) == 1, records
     check_metrics(validations[0], expected, f'{recipe} validation')
+
+    output = trained.stdout + trained.stderr
+    if any(hook['type'] == 'PreciseStatsHook' for hook in cfg.get('custom_hooks', [])):
+        # Batch averages are computed before the checkpoint of the validated epoch/iteration is written.
+        recomputed = output.find(f'over {PRECISE_BATCHES} training batches')
+        assert -1 < recomputed < output.find('Saving checkpoint'), output[-3000:]
 
     checkpoint = Path((work_dir / 'last_checkpoint').read_text().strip())
     summary = tmp_path / 'test_metrics.json'
@@ -238,10 +235,6 @@ def test_train_validate_and_test(recipe, data_roots, classifier_checkpoints, tmp
     # The checkpoint holds the statistics the validation ran with (batch averages where the recipe
     # recomputes them), so evaluating it again gives the same numbers.
     assert {k: tested[k] for k in expected} == pytest.approx({k: validations[0][k] for k in expected}, abs=1e-9)
-
-
-def _first(loader) -> dict:
-    return next(iter(loader))
 
 
 @pytest.mark.parametrize('recipe', BUILT_ONLY)
@@ -259,7 +252,7 @@ def test_pipeline_loss_and_evaluators(recipe, data_roots, tmp_path, monkeypatch)
             model.roi_head.bbox_head.fc_cls.bias.copy_(favour_first_class(model.roi_head.bbox_head.fc_cls.bias))
 
     model.train()
-    batch = _first(loaders['train'])
+    batch = next(iter(loaders['train']))
     assert len(batch['inputs']) == cfg.train_dataloader.batch_size
     losses = model(**model.data_preprocessor(batch, True), mode='loss')
     total, _ = model.parse_losses(losses)

@@ -1,27 +1,9 @@
-"""Statistics shared by the norm functions: per-(n, c) instance moments in one pass over x, and
-per-channel batch moments derived from them through sums that add up over ranks."""
+"""Per-channel batch moments shared by the norm functions, derived from the per-(n, c) moments of
+:func:`norm_plugins.ops.rowwise.row_moments` through sums that add up over ranks."""
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-
-# Keeps 1 / sqrt(var + eps) finite for constant rows while leaving any real variance intact.
-TINY = 1e-30
-
-
-def instance_moments(xs: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Mean and biased variance of every row xs[n, c, :] of (N, C, L), plus a free (N, C, L) buffer.
-
-    The layer-norm kernel computes both moments in one vectorized Welford pass (accurate for large
-    means, unlike E[x^2] - E[x]^2, and several times faster than ``var_mean`` on CPU); an empty batch
-    gives empty moments. The normalized copy it also writes is reused as the output buffer: on CPU a
-    fresh allocation of an activation costs more than the arithmetic on it.
-    """
-    buffer, mean, rstd = torch.native_layer_norm(xs, xs.shape[2:], None, None, TINY)
-    var = (rstd.double().pow(-2) - TINY).clamp(min=0).to(xs.dtype)
-    # The buffer is returned as is, never as a view: autograd forbids in-place ops (an inplace
-    # ReLU after the norm) on views created inside a custom Function.
-    return mean.squeeze(2), var.squeeze(2), buffer
 
 
 def batch_sums(m: Tensor, v: Tensor, spatial: int, centre: Optional[Tensor] = None) -> Tensor:

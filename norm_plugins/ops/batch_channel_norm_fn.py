@@ -35,15 +35,15 @@ Backward, from the row sums ``S1 = sum_l g`` and ``S2 = sum_l g u`` (one pass ov
 
 Only x (in its own dtype) is saved as a tensor for backward; the (N, C) coefficients are kept on the
 context, so a non-reentrant checkpoint recomputes x but keeps the original forward's constants.
-Double backward is not supported (``once_differentiable`` raises a clear error).
+Double backward is not implemented and raises (:func:`.first_order.first_order_only`).
 """
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .distributed import all_reduce_sum_
+from .first_order import first_order_only
 from .rowwise import row_grad_sums, row_normalize, row_normalize_backward
 
 # The (N, C) coefficient math runs in float64: it costs nothing next to the passes over x, and keeps
@@ -109,7 +109,7 @@ class BatchChannelNormFunction(torch.autograd.Function):
         return _shaped_like(y, x)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad: Tensor):
         x, = ctx.saved_tensors
         m, v, rstd_c, a, d, hc, s, rstd_g, count, groups, group = ctx.constants

@@ -16,6 +16,7 @@ Models, with each norm everywhere its recipe puts it:
 - ``deeplabv3``: DeepLabV3 R50-D8, 2 crops of 769x769, Cityscapes' 19 classes (``--small``: 65x65).
   Norms in backbone, ASPP decode head and auxiliary FCN head; 'BN' is mmseg's default, the upstream
   config: SyncBN everywhere, which a single process runs as BN (as mmengine's Runner reverts it).
+  GN is the GN+WS recipe with plain convolutions: there is no GN-only segmentation recipe.
 
 Norms: BN (above), GN(32), GN+WS, SN, SyncSN and BCN+WS. There is no process group, so SyncSN runs
 at world size 1, as on one GPU: its synchronization is a no-op. Pretrained initialization is off.
@@ -25,15 +26,18 @@ Reported per model and norm, with ratios to GN side by side:
 - cuda: peak allocated memory during the timed iterations (weights, gradients, optimizer state and
   activations), ``torch.cuda.max_memory_allocated``;
 - cpu: PyTorch keeps no CPU allocator statistics, so the figure is what one forward saves for
-  backward (distinct storages), the activation memory that differs between norms.
+  backward, counting each storage once: activations, and the weights the convolutions keep (new
+  tensors under WS, which standardizes them).
 """
 import argparse
+import contextlib
 import gc
 import importlib
 import math
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -156,24 +160,20 @@ def synthetic_batch(model_name: str, cfg: Config, size: tuple) -> dict:
     return segmentation_batch(batch, size, rng, cfg.model.decode_head.num_classes)
 
 
-def train_step(model, optim_wrapper, data: dict) -> None:
-    """Forward to the losses, backward and optimizer step: a Runner's train_step."""
-    loss, _ = model.parse_losses(model(**data, mode='loss'))
-    optim_wrapper.update_params(loss)
-
-
-def saved_for_backward(model, data: dict) -> int:
-    """Bytes of the distinct storages one forward keeps alive for backward."""
-    storages = {}
-
-    def pack(tensor):
+def train_step(model, optim_wrapper, data: dict, saved: Optional[dict] = None) -> None:
+    """Forward to the losses, backward and optimizer step: a Runner's train_step. ``saved``, when
+    given, receives the bytes of every distinct storage the forward keeps for backward."""
+    def record(tensor):
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(**data, mode='loss')
-    return sum(storages.values())
+    hooks = contextlib.nullcontext() if saved is None else \
+        torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor)
+    with hooks:
+        losses = model(**data, mode='loss')
+    loss, _ = model.parse_losses(losses)
+    optim_wrapper.update_params(loss)
 
 
 def input_label(model_name: str, size: tuple) -> str:
@@ -193,20 +193,21 @@ def measure(model_name: str, norm: str, device: torch.device, small: bool, iters
     cfg = load_config(model_name, norm, size, small)
     model, optim_wrapper = build(cfg, MODELS[model_name]['scope'], device)
     data = model.data_preprocessor(synthetic_batch(model_name, cfg, size), True)
-    for _ in range(warmup):
-        train_step(model, optim_wrapper, data)
-    _sync(device)
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
+    # cpu: the first iteration (a warmup one unless --warmup 0) also records what the forward saves
+    # for backward; the hooks cost microseconds per tensor.
+    saved = {} if device.type == 'cpu' else None
     times = []
-    for _ in range(iters):
+    for i in range(warmup + iters):
+        if i == warmup and device.type == 'cuda':
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
         start = time.perf_counter()
-        train_step(model, optim_wrapper, data)
+        train_step(model, optim_wrapper, data, saved if i == 0 else None)
         _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    memory = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else \
-        saved_for_backward(model, data)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    memory = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else sum(saved.values())
     return dict(model=model_name, norm=norm, input=input_label(model_name, size),
                 ms=statistics.median(times), memory=memory)
 

@@ -1,0 +1,394 @@
+"""GPU checks, marked ``cuda`` (skipped when torch sees no GPU; tools/gpu_check.sh runs them):
+
+- every layer on CUDA against the float64 CPU references, forward and backward, train and eval, NCHW
+  and channels_last, float32 and (at their rounding) float16/bfloat16;
+- one training step of an SN and a BCN+WS ResNet-18 under fp16 autocast with GradScaler and under
+  bf16 autocast, against the same step in float32;
+- SyncSN and synchronized BCN in an NCCL process group of world size 1 equal their unsynchronized forms;
+- the Mask R-CNN SN demo config for 20 iterations on the GPU;
+- the Triton kernels (``NORM_PLUGINS_BACKEND=auto`` on CUDA tensors) against the torch path.
+
+Errors are measured against the reference's largest magnitude, at least 1 (the values compared are
+O(1) or sums of them; mixture-logit gradients are small differences of such sums), so one tolerance
+per dtype covers a whole tensor: 1e-5 for float32, a few units of the half types' rounding otherwise.
+"""
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from norm_plugins import BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv2d
+from norm_plugins.layers.weight_standardization import FORMULAS
+from norm_plugins.ops import backend, rowwise
+from norm_plugins.testing import free_port
+from test_batch_channel_norm import batch_moments, randomize_affine, reference_algorithm1, reference_bcn
+from test_switchable_norm import randomized, reference_sn, sample
+from test_weight_standardization import reference_standardize
+from tools_helpers import MASK_RCNN, REPO, make_tiny_shapes, run_tool, tiny_options
+
+pytestmark = pytest.mark.cuda
+DEVICE = torch.device('cuda')
+# dtype -> largest error allowed, relative to the reference's largest magnitude
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+DTYPES = list(TOLERANCES)
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+LAYER_SHAPE = (3, 8, 5, 6)
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """Full float32 convolutions and matmuls: TF32 would round float32 results to ~1e-3."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def assert_near(actual, expected, tol, what):
+    expected = expected.detach().double().cpu()
+    error = (actual.detach().double().cpu() - expected).abs().max().item()
+    bound = tol * max(expected.abs().max().item(), 1.0)
+    assert error <= bound, f'{what}: max error {error:.3g} exceeds {bound:.3g}'
+
+
+def on_device(x, dtype, layout):
+    """``x`` on the GPU in ``dtype`` and ``layout``, a leaf that records its gradient."""
+    return x.to(DEVICE, dtype).contiguous(memory_format=layout).requires_grad_()
+
+
+def float64_leaf(tensor):
+    return tensor.detach().cpu().double().requires_grad_()
+
+
+def check_sn(layer, x, grad, tol):
+    """One forward+backward of ``layer`` (on the GPU) against Eq. 2-5 in float64 on the CPU, with
+    the same (dtype-rounded) input and upstream gradient; returns the reference BN statistics."""
+    x64 = float64_leaf(x)
+    logits = {name: float64_leaf(getattr(layer, name)) for name in ('mean_weight', 'var_weight')
+              if getattr(layer, name) is not None}
+    mean_r = dict(zip(layer.normalizers, torch.softmax(logits['mean_weight'], 0)))
+    var_r = mean_r if layer.tied else dict(zip(layer.normalizers, torch.softmax(logits['var_weight'], 0)))
+    affine = {name: float64_leaf(getattr(layer, name)) for name in ('weight', 'bias') if layer.affine}
+    uses_running = not layer.training and layer.track_running_stats
+    running = (layer.running_mean.cpu(), layer.running_var.cpu()) if uses_running else None
+    expected, mu_bn, var_bn = reference_sn(x64, mean_r, var_r, affine.get('weight'), affine.get('bias'),
+                                           layer.eps, layer.unbiased_instance_var, running)
+    y = layer(x)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert y.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)
+    y.backward(grad)
+    expected.backward(grad.cpu().double())
+    assert_near(y, expected, tol, 'output')
+    assert_near(x.grad, x64.grad, tol, 'input gradient')
+    for name, reference in {**logits, **affine}.items():
+        assert_near(getattr(layer, name).grad, reference.grad, tol, f'{name} gradient')
+    return mu_bn.detach(), var_bn.detach()
+
+
+SN_CASES = {
+    'SN': (SwitchableNorm, {}),
+    'SN-authors': (SwitchableNorm, dict(unbiased_instance_var=True)),
+    'SN-tied': (SwitchableNorm, dict(tied=True)),
+    'SN-no-affine': (SwitchableNorm, dict(affine=False)),
+    'SN-in-bn': (SwitchableNorm, dict(normalizers=('in', 'bn'))),
+    'SN-in-ln': (SwitchableNorm, dict(normalizers=('in', 'ln'))),
+    'SyncSN': (SyncSwitchableNorm, dict(unbiased_instance_var=True)),
+}
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('case', list(SN_CASES))
+def test_switchable_norm_matches_float64_reference(case, layout, dtype):
+    cls, options = SN_CASES[case]
+    layer = randomized(cls(8, momentum=0.25, **options)).to(DEVICE)
+    tol = TOLERANCES[dtype]
+    gen = torch.Generator().manual_seed(0)
+    grads = [on_device(torch.randn(LAYER_SHAPE, generator=gen), dtype, layout).detach() for _ in range(2)]
+    mu_bn, var_bn = check_sn(layer, on_device(sample(LAYER_SHAPE), dtype, layout), grads[0], tol)
+    if layer.track_running_stats:
+        # Statistics accumulate in float32 whatever the input's dtype.
+        assert_near(layer.running_mean, 0.25 * mu_bn, 1e-5, 'running mean')
+        assert_near(layer.running_var, 0.75 + 0.25 * var_bn, 1e-5, 'running variance')
+    layer.zero_grad()
+    layer.eval()
+    check_sn(layer, on_device(sample(LAYER_SHAPE, seed=2), dtype, layout), grads[1], tol)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('estimate', [False, True])
+def test_batch_channel_norm_matches_float64_reference(estimate, layout, dtype):
+    torch.manual_seed(0)
+    layer = BatchChannelNorm(8, num_groups=4, estimate=estimate, update_rate=0.5, momentum=0.3)
+    randomize_affine(layer)
+    layer.to(DEVICE)
+    tol = TOLERANCES[dtype]
+    shape = LAYER_SHAPE
+    for training, seed in ((True, 0), (False, 1)):
+        layer.train(training)
+        layer.zero_grad()
+        gen = torch.Generator().manual_seed(seed)
+        x = on_device(torch.randn(shape, generator=gen) * 2 + 1, dtype, layout)
+        grad = on_device(torch.randn(shape, generator=gen), dtype, layout).detach()
+        x64 = float64_leaf(x)
+        params = [float64_leaf(p) for p in (layer.weight, layer.bias, layer.group_weight, layer.group_bias)]
+        if estimate and training:
+            mean, var = reference_algorithm1([x64.detach()], 0.5, 8)[0]
+        elif estimate:
+            mean, var = layer.estimated_mean.cpu().double(), layer.estimated_var.cpu().double()
+        elif training:
+            mean, var = batch_moments(x64)
+        else:
+            mean, var = layer.running_mean.cpu().double(), layer.running_var.cpu().double()
+        expected = reference_bcn(x64, mean, var, *params, 4)
+        y = layer(x)
+        assert y.dtype == dtype and y.shape == shape
+        assert y.is_contiguous(memory_format=layout)
+        y.backward(grad)
+        expected.backward(grad.cpu().double())
+        assert_near(y, expected, tol, 'output')
+        assert_near(x.grad, x64.grad, tol, 'input gradient')
+        for name, reference in zip(('weight', 'bias', 'group_weight', 'group_bias'), params):
+            assert_near(getattr(layer, name).grad, reference.grad, tol, f'{name} gradient')
+        if estimate and training:
+            assert_near(layer.estimated_mean, mean, 1e-5, 'estimated mean')
+            assert_near(layer.estimated_var, var, 1e-5, 'estimated variance')
+        elif training:
+            count = shape[0] * shape[2] * shape[3]
+            assert_near(layer.running_mean, 0.3 * mean, 1e-5, 'running mean')
+            assert_near(layer.running_var, 0.7 + 0.3 * var * count / (count - 1), 1e-5, 'running variance')
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('formula', FORMULAS)
+def test_ws_conv_matches_float64_reference(formula, layout, dtype):
+    """float16/bfloat16 as under AMP: float32 weights, the convolution autocast to the half type."""
+    torch.manual_seed(0)
+    layer = WSConv2d(8, 6, 3, padding=1, formula=formula)
+    reference = copy.deepcopy(layer).double()
+    layer.to(DEVICE, memory_format=layout)
+    x = on_device(torch.randn(2, 8, 7, 7), dtype, layout)
+    with torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype != torch.float32):
+        y = layer(x)
+    assert y.dtype == dtype
+    grad = torch.randn(y.shape).to(DEVICE, dtype)
+    y.backward(grad)
+    x64 = float64_leaf(x)
+    w_hat = reference_standardize(reference.weight.detach(), formula)
+    assert_near(y, F.conv2d(x64.detach(), w_hat, reference.bias.detach(), padding=1), TOLERANCES[dtype], 'output')
+    # Gradients: autograd of the float64 CPU layer (its formula and gradcheck are tested on the CPU).
+    reference(x64).backward(grad.cpu().double())
+    for actual, expected, what in ((x.grad, x64.grad, 'input'), (layer.weight.grad, reference.weight.grad, 'weight'),
+                                   (layer.bias.grad, reference.bias.grad, 'bias')):
+        assert_near(actual, expected, TOLERANCES[dtype], f'{what} gradient')
+
+
+class Classifier(nn.Module):
+    """mmdet's ResNet-18 with the given norm and conv, global pooling and a 10-way linear layer."""
+
+    def __init__(self, norm_cfg, conv_cfg=None):
+        super().__init__()
+        from mmdet.models.backbones import ResNet
+        # zero_init_residual off: every parameter gets a gradient in the first step.
+        self.backbone = ResNet(depth=18, out_indices=(3,), norm_cfg=norm_cfg, conv_cfg=conv_cfg, norm_eval=False,
+                               zero_init_residual=False)
+        self.backbone.init_weights()
+        self.fc = nn.Linear(512, 10)
+
+    def forward(self, x):
+        return self.fc(self.backbone(x)[0].mean((2, 3)))
+
+
+RESNETS = {
+    'SN': lambda: Classifier(dict(type='SN')),
+    'BCN+WS': lambda: Classifier(dict(type='BCN', num_groups=32, estimate=True), dict(type='WSConv', formula='bcn')),
+}
+INIT_SCALE = 2.0 ** 10
+
+
+def sgd_step(model, x, labels, amp_dtype=None, scaler=None):
+    """One SGD step; returns the loss and every parameter's update."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    with torch.autocast(DEVICE.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = F.cross_entropy(model(x), labels)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return loss.item(), [p.detach() - b for p, b in zip(params, before)]
+
+
+# AMP dtype -> (relative loss difference, cosine of the parameter updates, relative update norm
+# difference) allowed against the float32 step; measured on a CPU: 3e-4/2e-3, 0.997/0.93, 0.004/0.006.
+AMP_TOLERANCES = {'float16': (0.01, 0.99, 0.02), 'bfloat16': (0.02, 0.85, 0.05)}
+
+
+@pytest.mark.parametrize('amp', list(AMP_TOLERANCES))
+@pytest.mark.parametrize('norm', list(RESNETS))
+def test_amp_training_step_is_close_to_float32(norm, amp):
+    torch.manual_seed(0)
+    model = RESNETS[norm]().to(DEVICE).train()
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 3, 64, 64, device=DEVICE)
+    labels = torch.randint(0, 10, (4,), device=DEVICE)
+    loss32, update32 = sgd_step(reference, x, labels)
+    dtype = getattr(torch, amp)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=INIT_SCALE) if dtype == torch.float16 else None
+    loss, update = sgd_step(model, x, labels, dtype, scaler)
+    if scaler is not None:
+        assert scaler.get_scale() == INIT_SCALE, 'GradScaler skipped the step: inf/NaN gradients'
+    loss_tol, min_cosine, norm_tol = AMP_TOLERANCES[amp]
+    assert math.isfinite(loss) and abs(loss - loss32) <= loss_tol * loss32
+    assert all(torch.isfinite(delta).all() and (delta != 0).any() for delta in update), 'a parameter did not move'
+    flat, flat32 = torch.cat([u.flatten() for u in update]), torch.cat([u.flatten() for u in update32])
+    assert F.cosine_similarity(flat, flat32, dim=0) > min_cosine
+    assert abs(flat.norm() / flat32.norm() - 1) < norm_tol
+
+
+@pytest.fixture
+def world_of_one():
+    """A process group of this process alone: NCCL on the GPU."""
+    dist.init_process_group('nccl' if DEVICE.type == 'cuda' else 'gloo',
+                            init_method=f'tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('pair', ['SyncSN', 'BCN-micro', 'BCN-large-sync'])
+def test_synchronized_layers_at_world_size_one_equal_unsynchronized(world_of_one, pair):
+    make = {
+        'SyncSN': (lambda: SyncSwitchableNorm(8, unbiased_instance_var=True),
+                   lambda: SwitchableNorm(8, unbiased_instance_var=True)),
+        'BCN-micro': (lambda: BatchChannelNorm(8, num_groups=4, estimate=True, update_rate=0.5),
+                      lambda: BatchChannelNorm(8, num_groups=4, estimate=True, update_rate=0.5, sync=False)),
+        'BCN-large-sync': (lambda: BatchChannelNorm(8, num_groups=4, sync=True),
+                           lambda: BatchChannelNorm(8, num_groups=4)),
+    }[pair]
+    torch.manual_seed(0)
+    synced, plain = make[0]().to(DEVICE), make[1]().to(DEVICE)
+    with torch.no_grad():
+        for p in synced.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + 1)
+    plain.load_state_dict(synced.state_dict())
+    for step in range(2):
+        x = (torch.randn(LAYER_SHAPE, device=DEVICE) * 2 + 1).requires_grad_()
+        x_plain = x.detach().clone().requires_grad_()
+        grad = torch.randn_like(x)
+        y, y_plain = synced(x), plain(x_plain)
+        y.backward(grad)
+        y_plain.backward(grad)
+        torch.testing.assert_close(y, y_plain)
+        torch.testing.assert_close(x.grad, x_plain.grad)
+        for (name, p), p_plain in zip(synced.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, p_plain.grad, msg=f'{pair} {name} gradient, step {step}')
+        for (name, b), b_plain in zip(synced.named_buffers(), plain.buffers()):
+            torch.testing.assert_close(b, b_plain, msg=f'{pair} {name}, step {step}')
+
+
+@pytest.mark.slow
+def test_mask_rcnn_demo_trains_20_iterations_on_the_gpu(tmp_path):
+    data = make_tiny_shapes(tmp_path / 'shapes')
+    work_dir = tmp_path / 'work'
+    run_tool(['tools/train.py', str(MASK_RCNN), '--work-dir', str(work_dir), '--cfg-options']
+             + tiny_options(MASK_RCNN, data, max_iters=20, checkpoint_interval=20, batch_size=8), cwd=REPO)
+    scalars = [json.loads(line) for path in work_dir.glob('*/vis_data/scalars.json')
+               for line in path.read_text().splitlines()]
+    train = [row for row in scalars if 'loss' in row]
+    assert [row['iter'] for row in train] == list(range(1, 21))
+    for row in train:
+        losses = {k: v for k, v in row.items() if k.startswith('loss')}
+        assert len(losses) >= 5 and all(math.isfinite(v) for v in losses.values()), row
+        # mmengine logs the peak GPU memory only when training on CUDA.
+        assert row.get('memory', 0) > 0, row
+
+
+ROW_SHAPES = {'odd-length': (3, 8, 37), 'one-position': (1, 4, 1), 'long-rows': (2, 64, 400 * 672)}
+
+
+def rowwise_passes(x, grad, centre, coefficients):
+    a, b, p, q = coefficients
+    return {'moments': rowwise.row_moments(x), 'normalize': rowwise.row_normalize(x, centre, a, b),
+            'grad_sums': rowwise.row_grad_sums(grad, x, centre),
+            'backward': rowwise.row_normalize_backward(grad, x, centre, a, p, q)}
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('shape', list(ROW_SHAPES))
+def test_triton_rowwise_passes_match_torch_path(monkeypatch, shape, channels_last, dtype):
+    n, c, length = ROW_SHAPES[shape]
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def rows(offset):
+        """(N, C, L) in ``dtype``, NCL-contiguous or with unit stride along C."""
+        values = torch.randn(n, length, c, device=DEVICE, generator=gen) + offset
+        return (values.transpose(1, 2) if channels_last else values.transpose(1, 2).contiguous()).to(dtype)
+
+    x, grad = rows(3.0), rows(0.0)
+    centre = x.float().mean(2) + 0.1 * torch.randn(n, c, device=DEVICE, generator=gen)
+    coefficients = [torch.randn(n, c, device=DEVICE, generator=gen) for _ in range(4)]
+    results = {}
+    for name in ('auto', 'torch'):
+        monkeypatch.setenv(backend.ENV_VAR, name)
+        assert backend.use_triton(x) == (name == 'auto')
+        results[name] = rowwise_passes(x, grad, centre, coefficients)
+    for key, reference in results['torch'].items():
+        actual = results['auto'][key]
+        if isinstance(reference, tuple):  # (N, C) statistics, accumulated in float32
+            for got, expected in zip(actual, reference):
+                assert got.dtype == torch.float32
+                assert_near(got, expected, 1e-5, key)
+        else:
+            assert actual.dtype == dtype and actual.stride() == x.stride(), key
+            assert_near(actual, reference, TOLERANCES[dtype], key)
+
+
+# The layers' wiring of the kernels; the kernels' launch plans for other shapes are tested above. One
+# shape for all layer tests keeps the number of kernel compilations down.
+LAYERS = {
+    'SN': lambda: randomized(SwitchableNorm(8, unbiased_instance_var=True)),
+    'SyncSN': lambda: randomized(SyncSwitchableNorm(8)),
+    'BCN': lambda: BatchChannelNorm(8, num_groups=4),
+    'BCN-micro': lambda: BatchChannelNorm(8, num_groups=4, estimate=True, update_rate=0.5),
+}
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('name', list(LAYERS))
+def test_triton_layers_match_torch_path(monkeypatch, name, layout, dtype):
+    torch.manual_seed(0)
+    layer = LAYERS[name]()
+    if isinstance(layer, BatchChannelNorm):
+        randomize_affine(layer)
+    layer.to(DEVICE)
+    x = sample(LAYER_SHAPE).to(DEVICE, dtype).contiguous(memory_format=layout)
+    grad = torch.randn(x.shape, device=DEVICE).to(dtype)
+    results = {}
+    for backend_name in ('auto', 'torch'):
+        monkeypatch.setenv(backend.ENV_VAR, backend_name)
+        candidate = copy.deepcopy(layer)
+        inp = x.clone().requires_grad_()
+        y = candidate(inp)
+        y.backward(grad)
+        results[backend_name] = dict(output=y, input_grad=inp.grad, eval_output=candidate.eval()(x),
+                                     **{f'{k} gradient': p.grad for k, p in candidate.named_parameters()},
+                                     **dict(candidate.named_buffers()))
+    for key, reference in results['torch'].items():
+        actual = results['auto'][key]
+        if reference.is_floating_point():
+            assert_near(actual, reference, TOLERANCES[reference.dtype], key)
+        else:
+            assert torch.equal(actual, reference), key

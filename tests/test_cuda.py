@@ -56,9 +56,8 @@ def assert_near(actual, expected, tol, what):
     assert error <= bound, f'{what}: max error {error:.3g} exceeds {bound:.3g}'
 
 
-def on_device(x, dtype, layout):
-    """``x`` on the GPU in ``dtype`` and ``layout``, a leaf that records its gradient."""
-    return x.to(DEVICE, dtype).contiguous(memory_format=layout).requires_grad_()
+def on_device(x, dtype, layout=torch.contiguous_format):
+    return x.to(DEVICE, dtype).contiguous(memory_format=layout)
 
 
 def float64_leaf(tensor):
@@ -109,15 +108,22 @@ def test_switchable_norm_matches_float64_reference(case, layout, dtype):
     layer = randomized(cls(8, momentum=0.25, **options)).to(DEVICE)
     tol = TOLERANCES[dtype]
     gen = torch.Generator().manual_seed(0)
-    grads = [on_device(torch.randn(LAYER_SHAPE, generator=gen), dtype, layout).detach() for _ in range(2)]
-    mu_bn, var_bn = check_sn(layer, on_device(sample(LAYER_SHAPE), dtype, layout), grads[0], tol)
+    grads = [on_device(torch.randn(LAYER_SHAPE, generator=gen), dtype, layout) for _ in range(2)]
+    mu_bn, var_bn = check_sn(layer, on_device(sample(LAYER_SHAPE), dtype, layout).requires_grad_(), grads[0], tol)
     if layer.track_running_stats:
         # Statistics accumulate in float32 whatever the input's dtype.
         assert_near(layer.running_mean, 0.25 * mu_bn, 1e-5, 'running mean')
         assert_near(layer.running_var, 0.75 + 0.25 * var_bn, 1e-5, 'running variance')
     layer.zero_grad()
     layer.eval()
-    check_sn(layer, on_device(sample(LAYER_SHAPE, seed=2), dtype, layout), grads[1], tol)
+    check_sn(layer, on_device(sample(LAYER_SHAPE, seed=2), dtype, layout).requires_grad_(), grads[1], tol)
+
+
+@pytest.mark.parametrize('shape', [(3, 8, 7), (2, 8, 3, 2, 4)], ids=['1d', '3d'])
+def test_switchable_norm_1d_and_3d_inputs(shape):
+    layer = randomized(SwitchableNorm(8, unbiased_instance_var=True)).to(DEVICE)
+    check_sn(layer, on_device(sample(shape), torch.float32).requires_grad_(),
+             on_device(torch.randn(shape), torch.float32), TOLERANCES[torch.float32])
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
@@ -134,8 +140,8 @@ def test_batch_channel_norm_matches_float64_reference(estimate, layout, dtype):
         layer.train(training)
         layer.zero_grad()
         gen = torch.Generator().manual_seed(seed)
-        x = on_device(torch.randn(shape, generator=gen) * 2 + 1, dtype, layout)
-        grad = on_device(torch.randn(shape, generator=gen), dtype, layout).detach()
+        x = on_device(torch.randn(shape, generator=gen) * 2 + 1, dtype, layout).requires_grad_()
+        grad = on_device(torch.randn(shape, generator=gen), dtype, layout)
         x64 = float64_leaf(x)
         params = [float64_leaf(p) for p in (layer.weight, layer.bias, layer.group_weight, layer.group_bias)]
         if estimate and training:
@@ -174,7 +180,7 @@ def test_ws_conv_matches_float64_reference(formula, layout, dtype):
     layer = WSConv2d(8, 6, 3, padding=1, formula=formula)
     reference = copy.deepcopy(layer).double()
     layer.to(DEVICE, memory_format=layout)
-    x = on_device(torch.randn(2, 8, 7, 7), dtype, layout)
+    x = on_device(torch.randn(2, 8, 7, 7), dtype, layout).requires_grad_()
     with torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype != torch.float32):
         y = layer(x)
     assert y.dtype == dtype

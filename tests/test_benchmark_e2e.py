@@ -1,8 +1,10 @@
 """tools/benchmark_e2e.py --small on the CPU: every model with every norm, one Markdown table."""
 import importlib.util
 import math
+from collections import OrderedDict
 
 import pytest
+from mmengine.logging import MMLogger
 
 from tools_helpers import REPO
 
@@ -16,8 +18,10 @@ def load_tool():
     return module
 
 
-def test_small_run_prints_every_model_and_norm(capsys):
+def test_small_run_prints_every_model_and_norm(capsys, monkeypatch):
     tool = load_tool()
+    # The tool makes its quiet logger mmengine's current one: keep that out of later tests.
+    monkeypatch.setattr(MMLogger, '_instance_dict', OrderedDict(MMLogger._instance_dict))
     rows = tool.main(['--small', '--device', 'cpu', '--iters', '1', '--warmup', '0'])
     table = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(table) if line.startswith('| model |'))

@@ -353,9 +353,11 @@ def test_triton_rowwise_passes_match_torch_path(monkeypatch, shape, channels_las
     for key, reference in results['torch'].items():
         actual = results['auto'][key]
         if isinstance(reference, tuple):  # (N, C) statistics, accumulated in float32
+            # Sums over L carry float32 rounding of the order of their terms' sum, compared as means.
+            scale = length if key == 'grad_sums' else 1
             for got, expected in zip(actual, reference):
                 assert got.dtype == torch.float32
-                assert_near(got, expected, 1e-5, key)
+                assert_near(got / scale, expected / scale, 1e-5, key)
         else:
             assert actual.dtype == dtype and actual.stride() == x.stride(), key
             assert_near(actual, reference, TOLERANCES[dtype], key)

@@ -265,25 +265,27 @@ def test_amp_training_step_is_close_to_float32(norm, amp):
 
 @pytest.fixture
 def world_of_one():
-    """A process group of this process alone: NCCL on the GPU."""
-    dist.init_process_group('nccl' if DEVICE.type == 'cuda' else 'gloo',
-                            init_method=f'tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)
+    """An NCCL process group of this process alone."""
+    dist.init_process_group('nccl', init_method=f'tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize('pair', ['SyncSN', 'BCN-micro', 'BCN-large-sync'])
+# name -> (synchronized layer, the same layer unsynchronized)
+SYNC_PAIRS = {
+    'SyncSN': (lambda: SyncSwitchableNorm(8, unbiased_instance_var=True),
+               lambda: SwitchableNorm(8, unbiased_instance_var=True)),
+    'BCN-micro': (lambda: BatchChannelNorm(8, num_groups=4, estimate=True, update_rate=0.5),
+                  lambda: BatchChannelNorm(8, num_groups=4, estimate=True, update_rate=0.5, sync=False)),
+    'BCN-large-sync': (lambda: BatchChannelNorm(8, num_groups=4, sync=True),
+                       lambda: BatchChannelNorm(8, num_groups=4)),
+}
+
+
+@pytest.mark.parametrize('pair', list(SYNC_PAIRS))
 def test_synchronized_layers_at_world_size_one_equal_unsynchronized(world_of_one, pair):
-    make = {
-        'SyncSN': (lambda: SyncSwitchableNorm(8, unbiased_instance_var=True),
-                   lambda: SwitchableNorm(8, unbiased_instance_var=True)),
-        'BCN-micro': (lambda: BatchChannelNorm(8, num_groups=4, estimate=True, update_rate=0.5),
-                      lambda: BatchChannelNorm(8, num_groups=4, estimate=True, update_rate=0.5, sync=False)),
-        'BCN-large-sync': (lambda: BatchChannelNorm(8, num_groups=4, sync=True),
-                           lambda: BatchChannelNorm(8, num_groups=4)),
-    }[pair]
     torch.manual_seed(0)
-    synced, plain = make[0]().to(DEVICE), make[1]().to(DEVICE)
+    synced, plain = (make().to(DEVICE) for make in SYNC_PAIRS[pair])
     with torch.no_grad():
         for p in synced.parameters():
             p.copy_(torch.randn_like(p) * 0.5 + 1)

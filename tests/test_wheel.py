@@ -17,7 +17,10 @@ BUILD_INPUTS = ('setup.py', 'setup.cfg', 'pyproject.toml', 'README.md', 'MANIFES
                 'pretrained_manifests')
 
 CHILD = """
-import json, sys
+import json, os, sys
+# The environment's site-packages after the standard library, as site would place it (a backport
+# there such as typing.py must not shadow the standard module).
+sys.path.append(os.environ['SITE_PACKAGES'])
 import norm_plugins
 from norm_plugins.pretrained import get_entry, load_manifests
 from norm_plugins.pretrained.manifest import manifest_dirs
@@ -67,9 +70,10 @@ def test_installed_wheel_resolves_every_manifest_name(tmp_path):
     run_dir = tmp_path / 'elsewhere'
     run_dir.mkdir()
     # -S: no site processing, so the editable install's path hook is not loaded; sys.path is the
-    # installed wheel, then the environment's site-packages for torch, mmengine, mmdet, mmseg.
-    env = {'PYTHONPATH': f"{target}:{sysconfig.get_paths()['purelib']}", 'NORM_PLUGINS_HOME': str(home),
-           'PATH': '/usr/bin:/bin', 'OMP_NUM_THREADS': '1'}
+    # installed wheel, the standard library, then the environment's site-packages for torch,
+    # mmengine, mmdet, mmseg.
+    env = {'PYTHONPATH': str(target), 'SITE_PACKAGES': sysconfig.get_paths()['purelib'],
+           'NORM_PLUGINS_HOME': str(home), 'PATH': '/usr/bin:/bin', 'OMP_NUM_THREADS': '1'}
     result = subprocess.run([sys.executable, '-S', '-c', CHILD], cwd=run_dir, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -1,7 +1,8 @@
 """Task 2 of the batch-size study: Faster R-CNN from scratch on the shapes demo data.
 
-The SN paper's Table 4 (lower part) trains detectors from scratch with 2 images per GPU, where BN's
-statistics come from 2 images. Here each run is the demo config
+The SN TPAMI paper's Table 4 (lower part) trains detectors from scratch in its setting-1 (Faster
+R-CNN without FPN, 4 GPUs x 3 images, Sec. 4.2), where BN's statistics come from 3 images. Here
+each run is the demo config
 ``configs/demo/faster-rcnn_r18-syncsn_fpn_2xb4-600i_shapes-128.py`` (ResNet-18 of base width 32, FPN,
 4conv1fc box head) with the normalizer's ``norm_cfg``/``conv_cfg`` in the backbone, neck and box
 head, ``images_per_process`` images per step, random initialization and a schedule of ``iters``

@@ -48,11 +48,11 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..ops.batch_channel_norm_fn import BatchChannelNormFunction, as_rows
+from ..ops.batch_channel_norm_fn import BatchChannelNormFunction
 from ..ops.distributed import all_reduce_sum_, sync_group
-from ..ops.moments import batch_sums, moments_from_sums
+from ..ops.moments import batch_sums, moments_from_sums, update_running_stats
 from ..ops.recompute import is_recomputing
-from ..ops.rowwise import row_moments
+from ..ops.rowwise import as_rows, row_moments
 from .validation import check_group_size, check_norm_args, check_norm_input
 
 
@@ -274,14 +274,9 @@ class BatchChannelNorm(nn.Module):
         else:
             valid = count > 1
             correction = (count / (count - 1).clamp(min=1)).to(var.dtype)
-        self.num_batches_tracked.add_(1 if valid is None else valid.to(self.num_batches_tracked.dtype))
-        factor = self.momentum
-        if factor is None:  # cumulative average
-            factor = self.num_batches_tracked.to(self.running_mean.dtype).clamp(min=1).reciprocal()
         # The variance is stored unbiased, as BatchNorm stores it.
-        for buffer, batch in ((self.running_mean, mean), (self.running_var, var * correction)):
-            updated = torch.lerp(buffer, batch.to(buffer.dtype), factor)
-            buffer.copy_(updated if valid is None else torch.where(valid, updated, buffer))
+        update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked, mean,
+                             var * correction, self.momentum, valid)
 
     @torch.no_grad()
     def _update_estimates(self, m: Tensor, v: Tensor, spatial: int, group) -> None:

@@ -11,7 +11,6 @@ from the sample and BN from the running statistics. Works for (N, C, L), (N, C, 
 Hard ratios (the SN paper's sparse SN): :meth:`SwitchableNorm.harden` fixes each ratio vector to
 the one-hot vector of its largest entry and stops training it.
 """
-import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 
 from ..ops.distributed import sync_group
 from ..ops.recompute import is_recomputing
+from ..ops.rowwise import as_rows, shaped_like
 from ..ops.switchable_norm_fn import SwitchableNormFunction
 from .validation import check_group_size, check_norm_args, check_norm_input
 
@@ -206,17 +206,14 @@ class SwitchableNorm(nn.Module):
         # A checkpoint recomputation must not count the batch twice (see ops/recompute.py).
         update_stats = use_batch_stats and self.track_running_stats and not is_recomputing()
         mean_ratio, var_ratio = self.mixture_ratios()
-        n, c = x.shape[:2]
         y = SwitchableNormFunction.apply(
-            x.reshape(n, c, math.prod(x.shape[2:])), self.weight, self.bias, mean_ratio, var_ratio,
+            as_rows(x), self.weight, self.bias, mean_ratio, var_ratio,
             self.running_mean if uses_bn else None, self.running_var if uses_bn else None,
             self.num_batches_tracked, use_batch_stats, update_stats, self.momentum, self.eps,
             self.unbiased_instance_var, self._process_group() if use_batch_stats else None)
-        # Not y.view(): a view may not be modified in place once a custom Function returns it, and
-        # torch.utils.checkpoint (a custom Function) returns this output when SN ends a block that
-        # an inplace ReLU follows (mmdet ResNet with_cp=True). _unsafe_view shares y's memory and is
-        # no view to autograd.
-        return torch.ops.aten._unsafe_view(y, x.shape)
+        # Not y.view(): torch.utils.checkpoint returns this output when SN ends a block that an
+        # inplace ReLU follows (mmdet ResNet with_cp=True).
+        return shaped_like(y, x)
 
     def extra_repr(self) -> str:
         return (f'{self.num_features}, normalizers={self.normalizers}, eps={self.eps}, '

@@ -44,29 +44,11 @@ from torch import Tensor
 
 from .distributed import all_reduce_sum_
 from .first_order import first_order_only
-from .rowwise import row_grad_sums, row_normalize, row_normalize_backward
+from .rowwise import as_rows, row_grad_sums, row_normalize, row_normalize_backward, shaped_like
 
 # The (N, C) coefficient math runs in float64: it costs nothing next to the passes over x, and keeps
 # ``m - mean_c`` exact where |mean| / std is large (the batch mean itself comes from float64 sums).
 COEFFICIENT_DTYPE = torch.float64
-
-
-def as_rows(x: Tensor) -> Tensor:
-    """x (N, C, *spatial) as (N, C, L) without a copy for NCHW-contiguous and channels-last inputs."""
-    rows = x.flatten(2)
-    n, c, length = rows.shape
-    channels_last = rows.stride(1) == 1 and (length == 1 or rows.stride(2) == c) and \
-        (n == 1 or rows.stride(0) == c * length)
-    return rows if channels_last or rows.is_contiguous() else rows.contiguous()
-
-
-def _shaped_like(rows: Tensor, x: Tensor) -> Tensor:
-    """``rows`` (N, C, L) in x's shape, as a tensor of its own rather than a view: autograd forbids
-    in-place ops (an inplace ReLU, ``out += identity``) on views made inside a custom Function or a
-    checkpointed block."""
-    if rows.shape == x.shape:
-        return rows
-    return torch.ops.aten._unsafe_view(rows, x.shape)
 
 
 class BatchChannelNormFunction(torch.autograd.Function):
@@ -106,7 +88,7 @@ class BatchChannelNormFunction(torch.autograd.Function):
         ctx.constants = (m, v, rstd_c, a, d, hc3.view(n, c), s, rstd_g, count, groups, group)
         ctx.param_dtypes = [p.dtype if p is not None else None
                             for p in (weight, bias, group_weight, group_bias)]
-        return _shaped_like(y, x)
+        return shaped_like(y, x)
 
     @staticmethod
     @first_order_only
@@ -141,7 +123,7 @@ class BatchChannelNormFunction(torch.autograd.Function):
                 p = p - f2
                 q = q - f1 - d * f2
             dx = row_normalize_backward(g3, x3, m, *(t.to(m.dtype) for t in (s_c * a, p, q)))
-            dx = _shaped_like(dx, x)
+            dx = shaped_like(dx, x)
 
         d_group_weight = (t * rstd_g).sum(0)
         d_group_bias = s1.view(n, groups, per_group).sum((0, 2))

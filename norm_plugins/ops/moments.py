@@ -25,3 +25,20 @@ def moments_from_sums(sums: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]
     mean = sums[:channels] / count
     var = (sums[channels:2 * channels] / count - mean * mean).clamp(min=0)
     return mean.to(dtype), var.to(dtype)
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor, mean: Tensor,
+                         var: Tensor, momentum: Optional[float], valid: Optional[Tensor] = None) -> None:
+    """BatchNorm's running-statistics update, on the device (no host synchronization).
+
+    ``momentum=None`` keeps a cumulative average over the batches counted. ``valid``, a boolean
+    device scalar, masks the whole update: where it is False the buffers and ``num_batches_tracked``
+    stay bit for bit as they were (an empty batch over all ranks); ``None`` always updates.
+    """
+    num_batches_tracked.add_(1 if valid is None else valid.to(num_batches_tracked.dtype))
+    factor = momentum
+    if factor is None:
+        factor = num_batches_tracked.to(running_mean.dtype).clamp(min=1).reciprocal()
+    for buffer, batch in ((running_mean, mean), (running_var, var)):
+        updated = torch.lerp(buffer, batch.to(buffer.dtype), factor)
+        buffer.copy_(updated if valid is None else torch.where(valid, updated, buffer))

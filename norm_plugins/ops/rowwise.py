@@ -29,6 +29,24 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def as_rows(x: Tensor) -> Tensor:
+    """x (N, C, *spatial) as (N, C, L) without a copy for NCHW-contiguous and channels-last inputs."""
+    rows = x.flatten(2)
+    n, c, length = rows.shape
+    channels_last = rows.stride(1) == 1 and (length == 1 or rows.stride(2) == c) and \
+        (n == 1 or rows.stride(0) == c * length)
+    return rows if channels_last or rows.is_contiguous() else rows.contiguous()
+
+
+def shaped_like(rows: Tensor, x: Tensor) -> Tensor:
+    """``rows`` (N, C, L) in x's shape, as a tensor of its own rather than a view: autograd forbids
+    in-place ops (an inplace ReLU, ``out += identity``) on views made inside a custom Function or a
+    checkpointed block."""
+    if rows.shape == x.shape:
+        return rows
+    return torch.ops.aten._unsafe_view(rows, x.shape)
+
+
 def _kernels():
     """The Triton kernels, imported on first use: triton is optional."""
     from . import triton_rowwise
@@ -43,7 +61,8 @@ def row_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     if x.numel() == 0:
         return x.new_zeros(x.shape[:2], dtype=acc), x.new_zeros(x.shape[:2], dtype=acc)
     half = x.dtype in (torch.float16, torch.bfloat16)
-    if not (x.is_contiguous() or half) or _channel_blocks(x) is None:
+    blocks = _channel_blocks(x)
+    if not (x.is_contiguous() or half) or blocks is None:
         # float64-accumulated Welford, without a copy for float32/float64. For a channels-last
         # float32 x it is as fast as BatchNorm's channels-last kernel, whose float32 mean is off
         # by 1e-5 relative (so its variance by 1e-3 at mean / std = 1e4).
@@ -53,7 +72,7 @@ def row_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     # pass, with a float64 accumulator; it reads x in its own dtype (half precision: no float32
     # copy) and writes nothing full-size. The running buffers it insists on updating are scratch.
     moments = []
-    for block in _channel_blocks(x):
+    for block in blocks:
         scratch = x.new_zeros(block.shape[1], dtype=acc)
         moments.append(torch.batch_norm_update_stats(block, scratch, scratch.clone(), 0.0))
     mean, var = (torch.cat(t).view(x.shape[:2]) for t in zip(*moments))

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .distributed import all_reduce_sum_
 from .first_order import first_order_only
-from .moments import batch_sums, moments_from_sums
+from .moments import batch_sums, moments_from_sums, update_running_stats
 from .rowwise import (accumulation_dtype, row_grad_sums, row_moments, row_normalize,
                       row_normalize_backward)
 
@@ -72,8 +72,9 @@ class SwitchableNormFunction(torch.autograd.Function):
                 mu_bn, var_bn = moments_from_sums(sums, acc)
                 count = sums[-1]
                 if update_stats:
-                    _update_running_stats(running_mean, running_var, num_batches_tracked, mu_bn, var_bn,
-                                          count, momentum)
+                    # A batch without elements (over all ranks) changes nothing, as in BatchNorm.
+                    update_running_stats(running_mean, running_var, num_batches_tracked, mu_bn, var_bn,
+                                         momentum, valid=count > 0)
             elif running_mean is not None:
                 mu_bn, var_bn = running_mean.to(acc), running_var.to(acc)
             else:
@@ -139,15 +140,3 @@ def _input_grad(grad, x, rm, rv, mu_in, mu_ln, mu_bn, mean, a, d_mean, d_var, co
     q = q + p * (mean - mu_in)
     return row_normalize_backward(grad, x, mean, a, p, q)
 
-
-def _update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor,
-                          mu_bn: Tensor, var_bn: Tensor, count: Tensor, momentum: Optional[float]) -> None:
-    """BatchNorm's update, masked on the device: a batch without elements changes nothing (bit for bit)."""
-    has_data = count > 0
-    num_batches_tracked.add_(has_data.to(num_batches_tracked.dtype))
-    if momentum is None:  # cumulative average over the batches seen
-        factor = num_batches_tracked.clamp(min=1).to(running_mean.dtype).reciprocal()
-    else:
-        factor = torch.full_like(count, momentum, dtype=running_mean.dtype)
-    for running, batch in ((running_mean, mu_bn), (running_var, var_bn)):
-        running.copy_(torch.where(has_data, running.lerp(batch.to(running.dtype), factor), running))

@@ -8,6 +8,11 @@ channel), layer (LN: per sample) and batch (BN: per channel) statistics. In eval
 from the sample and BN from the running statistics. Works for (N, C, L), (N, C, H, W) and
 (N, C, D, H, W) inputs.
 
+Group SN (TPAMI paper, Sec. 3 "Variants of SN"): ``ratio_groups=G`` splits the channels into G
+contiguous groups, each with its own mean and variance ratio vectors (logits of shape (G, K)); the
+statistics keep their definitions (LN over all channels). G = 1 is the paper's layer, with (K,)
+logits.
+
 Hard ratios (the SN paper's sparse SN): :meth:`SwitchableNorm.harden` fixes each ratio vector to
 the one-hot vector of its largest entry and stops training it.
 """
@@ -20,10 +25,9 @@ from torch import Tensor, nn
 from ..ops.distributed import sync_group
 from ..ops.recompute import is_recomputing
 from ..ops.rowwise import as_rows, shaped_like
-from ..ops.switchable_norm_fn import SwitchableNormFunction
-from .validation import check_group_size, check_norm_args, check_norm_input
+from ..ops.switchable_norm_fn import NORMALIZERS, SNSpec, SwitchableNormFunction
+from .validation import check_group_size, check_norm_args, check_norm_input, check_ratio_groups
 
-NORMALIZERS = ('in', 'ln', 'bn')
 # Logit of the normalizers a hard ratio vector drops: next to a 0 logit its softmax is exactly 0
 # (exp(-1e4) underflows in every float dtype), and it stays finite, so weight decay cannot make it NaN.
 HARD_LOGIT = -1e4
@@ -53,6 +57,10 @@ class SwitchableNorm(nn.Module):
             logits loaded from a checkpoint are hardened on load, so ``load_from`` a soft checkpoint
             finetunes with its argmax choices (``norm_cfg=dict(type='SN', hard_ratios=True)``).
             Until logits are loaded, the first of ``normalizers`` is selected.
+        ratio_groups: G, the number of contiguous channel groups with their own ratio vectors
+            (group SN); must divide ``num_features``. Logits are (K,) for G = 1, else (G, K).
+        device, dtype: where and in which dtype parameters and buffers are created, as for
+            ``nn.BatchNorm2d`` (``num_batches_tracked`` stays an int64).
 
     The running variance stores the batch variance exactly as it was used in training (biased,
     or derived from the unbiased instance variance), so eval normalizes like training did.
@@ -71,10 +79,12 @@ class SwitchableNorm(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
                  normalizers: Sequence[str] = NORMALIZERS, tied: bool = False,
-                 zero_init: bool = False, unbiased_instance_var: bool = False, hard_ratios: bool = False):
+                 zero_init: bool = False, unbiased_instance_var: bool = False, hard_ratios: bool = False,
+                 ratio_groups: int = 1, device=None, dtype=None):
         super().__init__()
         name = type(self).__name__
         check_norm_args(name, num_features, eps, momentum)
+        check_ratio_groups(name, ratio_groups, num_features)
         self.normalizers = _canonical_normalizers(name, normalizers)
         self.num_features = num_features
         self.eps = eps
@@ -83,28 +93,28 @@ class SwitchableNorm(nn.Module):
         self.tied = tied
         self.zero_init = zero_init
         self.unbiased_instance_var = unbiased_instance_var
+        self.ratio_groups = ratio_groups
         self.hard_ratios = False
         self.track_running_stats = track_running_stats and 'bn' in self.normalizers
 
+        factory = dict(device=device, dtype=dtype)
         if affine:
-            self.weight = nn.Parameter(torch.empty(num_features))
-            self.bias = nn.Parameter(torch.empty(num_features))
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
         else:
             self.register_parameter('weight', None)
             self.register_parameter('bias', None)
-        num_ratios = len(self.normalizers)
-        self.mean_weight = nn.Parameter(torch.ones(num_ratios))
-        self.var_weight = None if tied else nn.Parameter(torch.ones(num_ratios))
+        shape = (len(self.normalizers),) if ratio_groups == 1 else (ratio_groups, len(self.normalizers))
+        self.mean_weight = nn.Parameter(torch.ones(shape, **factory))
+        self.var_weight = None if tied else nn.Parameter(torch.ones(shape, **factory))
         if self.track_running_stats:
-            self.register_buffer('running_mean', torch.zeros(num_features))
-            self.register_buffer('running_var', torch.ones(num_features))
-            self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long))
+            self.register_buffer('running_mean', torch.zeros(num_features, **factory))
+            self.register_buffer('running_var', torch.ones(num_features, **factory))
+            self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long, device=device))
         else:
             self.register_buffer('running_mean', None)
             self.register_buffer('running_var', None)
             self.register_buffer('num_batches_tracked', None)
-        self.register_buffer('_ratio_index', torch.tensor([NORMALIZERS.index(k) for k in self.normalizers]),
-                             persistent=False)
         self.reset_parameters()
         if hard_ratios:
             self.harden()
@@ -134,7 +144,8 @@ class SwitchableNorm(nn.Module):
 
     @torch.no_grad()
     def harden(self) -> 'SwitchableNorm':
-        """Fix each ratio vector to the one-hot vector of its argmax (ties: the first normalizer).
+        """Fix each ratio vector (each group's, for group SN) to the one-hot vector of its argmax
+        (ties: the first normalizer).
 
         ``mean_weight``/``var_weight`` become buffers of the same name holding 0 for the selected
         normalizer and :data:`HARD_LOGIT` elsewhere: checkpoints keep their keys, the optimizer and
@@ -158,27 +169,42 @@ class SwitchableNorm(nn.Module):
         if self.hard_ratios:
             self._refresh_selection()
 
-    def _full_ratios(self, logits: Tensor) -> Tensor:
-        """Softmax over the used normalizers, laid out as (IN, LN, BN) with zeros for unused ones."""
-        ratios = F.softmax(logits, dim=0)
-        if len(self.normalizers) == len(NORMALIZERS):
-            return ratios
-        return ratios.new_zeros(len(NORMALIZERS)).index_copy(0, self._ratio_index, ratios)
+    def mixing_inputs(self) -> Tuple[Tensor, Optional[Tensor], bool]:
+        """What :class:`SwitchableNormFunction` mixes with: ``(mean, var, are_logits)``.
+
+        ``mean``/``var`` have the logits' shape, (K,) or (G, K) over :attr:`normalizers`; ``var`` is
+        ``None`` when tied. SN hands over its logits (``are_logits=True``: softmaxed inside the
+        function, fused into the kernels); a subclass may hand over ratios with their own
+        gradients instead (``False``), e.g. sparse SN's SparsestMax.
+        """
+        return self.mean_weight, self.var_weight, True
+
+    def _used_ratios(self) -> Tuple[Tensor, Tensor]:
+        """(mean, var) ratios over :attr:`normalizers`, shaped like the logits, with gradients."""
+        mean, var, are_logits = self.mixing_inputs()
+        if are_logits:
+            mean = F.softmax(mean, -1)
+            var = None if var is None else F.softmax(var, -1)
+        return mean, (mean if var is None else var)
 
     def mixture_ratios(self) -> Tuple[Tensor, Tensor]:
         """The (mean, variance) ratio vectors the layer mixes with, laid out as (IN, LN, BN) with 0
-        for unused normalizers (tied: the same vector twice). They carry gradients to the logits."""
-        mean = self._full_ratios(self.mean_weight)
-        return mean, (mean if self.tied else self._full_ratios(self.var_weight))
+        for unused normalizers (tied: the same vector twice): shape (3,), or (G, 3) for group SN.
+        They carry gradients to the logits."""
+        full = []
+        for used in self._used_ratios():
+            ratios = used.new_zeros(*used.shape[:-1], len(NORMALIZERS))
+            ratios[..., [NORMALIZERS.index(k) for k in self.normalizers]] = used
+            full.append(ratios)
+        return full[0], full[1]
 
     def ratios(self) -> Dict[str, Dict[str, Tensor]]:
-        """The softmaxed importance ratios: ``{'mean': {'in': r, ...}, 'var': {...}}``."""
-        var_logits = self.mean_weight if self.tied else self.var_weight
+        """The importance ratios: ``{'mean': {'in': r, ...}, 'var': {...}}``; each ``r`` is a scalar
+        tensor, or of shape (G,) for group SN."""
         with torch.no_grad():
-            mean = F.softmax(self.mean_weight, 0)
-            var = F.softmax(var_logits, 0)
-        return {'mean': dict(zip(self.normalizers, mean.unbind())),
-                'var': dict(zip(self.normalizers, var.unbind()))}
+            mean, var = self._used_ratios()
+        return {'mean': dict(zip(self.normalizers, mean.unbind(-1))),
+                'var': dict(zip(self.normalizers, var.unbind(-1)))}
 
     def _process_group(self):
         """None: batch statistics of this process only (SyncSN overrides)."""
@@ -194,23 +220,42 @@ class SwitchableNorm(nn.Module):
         """
         return 'bn' in self.normalizers and (not self.hard_ratios or self._bn_selected)
 
+    def _selected_normalizer(self) -> Optional[str]:
+        """The one normalizer that every mean and variance ratio vector selects, if there is one.
+
+        Such a layer computes only that normalizer's statistics (IN: no LN or BN statistics and no
+        all-reduce; BN: no LN statistics). Decided on the host from state refreshed when the
+        ratios become hard (hardening, reset, loading), never by reading the device.
+        """
+        return self._single_selection if self.hard_ratios else None
+
     @torch.no_grad()
     def _refresh_selection(self) -> None:
+        choices = torch.cat([t.argmax(-1).flatten() for t in self._mixture_logits().values()]).tolist()
         bn = self.normalizers.index('bn') if 'bn' in self.normalizers else -1
-        self._bn_selected = any(int(t.argmax()) == bn for t in self._mixture_logits().values())
+        self._bn_selected = bn in choices
+        self._single_selection = self.normalizers[choices[0]] if len(set(choices)) == 1 else None
 
     def forward(self, x: Tensor) -> Tensor:
         check_norm_input(type(self).__name__, x, self.num_features)
-        uses_bn = self._uses_batch_moments()
+        selected = self._selected_normalizer()
+        if selected is None:
+            normalizers, uses_bn = self.normalizers, self._uses_batch_moments()
+            mean_mix, var_mix, are_logits = self.mixing_inputs()
+        else:
+            # One logit, whose softmax is 1: a view of the layer's own logits, so nothing is launched.
+            normalizers, uses_bn = (selected,), selected == 'bn'
+            mean_mix = self.mean_weight.detach().narrow(-1, self.normalizers.index(selected), 1)
+            var_mix, are_logits = None, True
         use_batch_stats = uses_bn and (self.training or not self.track_running_stats)
         # A checkpoint recomputation must not count the batch twice (see ops/recompute.py).
         update_stats = use_batch_stats and self.track_running_stats and not is_recomputing()
-        mean_ratio, var_ratio = self.mixture_ratios()
+        spec = SNSpec(normalizers, are_logits, use_batch_stats, update_stats, self.momentum, self.eps,
+                      self.unbiased_instance_var, self._process_group() if use_batch_stats else None)
         y = SwitchableNormFunction.apply(
-            as_rows(x), self.weight, self.bias, mean_ratio, var_ratio,
+            as_rows(x), self.weight, self.bias, mean_mix, var_mix,
             self.running_mean if uses_bn else None, self.running_var if uses_bn else None,
-            self.num_batches_tracked, use_batch_stats, update_stats, self.momentum, self.eps,
-            self.unbiased_instance_var, self._process_group() if use_batch_stats else None)
+            self.num_batches_tracked, spec)
         # Not y.view(): torch.utils.checkpoint returns this output when SN ends a block that an
         # inplace ReLU follows (mmdet ResNet with_cp=True).
         return shaped_like(y, x)
@@ -219,7 +264,8 @@ class SwitchableNorm(nn.Module):
         return (f'{self.num_features}, normalizers={self.normalizers}, eps={self.eps}, '
                 f'momentum={self.momentum}, affine={self.affine}, tied={self.tied}, '
                 f'track_running_stats={self.track_running_stats}, '
-                f'unbiased_instance_var={self.unbiased_instance_var}, hard_ratios={self.hard_ratios}')
+                f'unbiased_instance_var={self.unbiased_instance_var}, hard_ratios={self.hard_ratios}'
+                + (f', ratio_groups={self.ratio_groups}' if self.ratio_groups > 1 else ''))
 
 
 class SyncSwitchableNorm(SwitchableNorm):
@@ -249,10 +295,9 @@ class SyncSwitchableNorm(SwitchableNorm):
 
 
 def _hard_logits(logits: Tensor) -> Tensor:
-    """Logits whose softmax is the one-hot vector of ``logits.argmax()``."""
+    """Logits whose softmax is the one-hot vector of each row's argmax ((K,) or (G, K) logits)."""
     hard = torch.full_like(logits, HARD_LOGIT)
-    hard[logits.argmax()] = 0
-    return hard
+    return hard.scatter_(-1, logits.argmax(-1, keepdim=True), 0.0)
 
 
 def _canonical_normalizers(owner: str, normalizers: Sequence[str]) -> tuple:

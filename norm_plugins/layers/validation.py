@@ -15,6 +15,15 @@ def check_norm_args(owner: str, num_features: int, eps: float, momentum: Optiona
                          f'new batch) or None for a cumulative average, got {momentum}')
 
 
+def check_ratio_groups(owner: str, ratio_groups: int, num_features: int) -> None:
+    if isinstance(ratio_groups, bool) or not isinstance(ratio_groups, int) or ratio_groups < 1:
+        raise ValueError(f'{owner}: ratio_groups must be a positive int (1: one ratio vector for all '
+                         f'channels), got {ratio_groups!r}')
+    if num_features % ratio_groups:
+        raise ValueError(f'{owner}: ratio_groups={ratio_groups} does not divide num_features={num_features}; '
+                         f'choose a divisor of {num_features} (e.g. 2).')
+
+
 def check_group_size(owner: str, group_size: Optional[int]) -> None:
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f'{owner}: group_size must be a positive int or None (whole world), '

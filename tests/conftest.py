@@ -1,9 +1,19 @@
-"""Suite-wide isolation from mmengine's process-global state; ``cuda`` tests skip without a GPU."""
+"""Suite-wide isolation from mmengine's process-global state; ``cuda`` tests skip without a GPU.
+
+Importable without mmengine, for the torch-only tests (tests/test_cuda.py on a bare GPU machine,
+tests/test_torch_only.py).
+"""
 import os
 
 import pytest
 import torch
-from mmengine.registry import DefaultScope
+
+try:
+    from mmengine.registry import DefaultScope
+except ModuleNotFoundError as err:
+    if err.name != 'mmengine':
+        raise
+    DefaultScope = None  # torch only: no mmengine state to isolate
 
 # Triton chooses between its interpreter and compiled kernels once per process, when it is first
 # imported. Without a GPU the interpreter is the only way to run the kernels (CI); on a GPU machine
@@ -22,11 +32,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def isolated_default_scope():
-    """A Runner leaves its ``default_scope`` current for the rest of the process, so without this a
-    test building through mmdet/mmseg registries would depend on which tests ran before it."""
-    saved = DefaultScope._instance_dict.copy()
-    yield
-    DefaultScope._instance_dict.clear()
-    DefaultScope._instance_dict.update(saved)
+if DefaultScope is not None:
+    @pytest.fixture(autouse=True)
+    def isolated_default_scope():
+        """A Runner leaves its ``default_scope`` current for the rest of the process, so without this a
+        test building through mmdet/mmseg registries would depend on which tests ran before it."""
+        saved = DefaultScope._instance_dict.copy()
+        yield
+        DefaultScope._instance_dict.clear()
+        DefaultScope._instance_dict.update(saved)

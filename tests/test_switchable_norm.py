@@ -1,12 +1,10 @@
 """SN against an independent float64 transcription of the SN paper's Eq. 2-5."""
 import copy
-import importlib
 import itertools
 
 import pytest
 import torch
 
-import norm_plugins
 from norm_plugins import SwitchableNorm
 from norm_plugins.layers.switchable_norm import NORMALIZERS
 
@@ -320,20 +318,6 @@ def test_state_dict_round_trip():
     dst.eval()
     x = sample((2, 6, 4, 4), seed=5)
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
-
-
-def test_registration_survives_reload_and_refuses_foreign_names():
-    from mmengine.registry import MODELS
-    from norm_plugins.registry import register
-    importlib.reload(norm_plugins)
-    assert MODELS.get('SN').__name__ == 'SwitchableNorm'
-
-    class Impostor(torch.nn.Module):
-        pass
-
-    with pytest.raises(KeyError, match='already registered'):
-        register(MODELS, 'SN', Impostor)
-    assert norm_plugins.__version__
 
 
 def test_output_accepts_inplace_ops():

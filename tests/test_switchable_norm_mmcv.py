@@ -1,10 +1,14 @@
-"""SN and SyncSN built the OpenMMLab way: mmcv's builders, mmdet and mmseg backbones."""
+"""SN and SyncSN built the OpenMMLab way: registration, mmcv's builders, mmdet and mmseg backbones."""
+import importlib
+
 import pytest
 import torch
 from mmcv.cnn import ConvModule, build_norm_layer
+from mmengine.registry import MODELS
 
-import norm_plugins  # noqa: F401  (registers the layers)
+import norm_plugins  # registers the layers
 from norm_plugins import SwitchableNorm, SyncSwitchableNorm
+from norm_plugins.registry import register
 
 
 @pytest.mark.parametrize('cfg, cls', [(dict(type='SN'), SwitchableNorm),
@@ -69,3 +73,15 @@ def test_mmseg_resnetv1c18():
     outs = _forward_backward(backbone)
     assert outs[-1].shape[-1] == 8  # output stride 8
     assert 'stem.1.mean_weight' in backbone.state_dict()
+
+
+def test_registration_survives_reload_and_refuses_foreign_names():
+    importlib.reload(norm_plugins)
+    assert MODELS.get('SN').__name__ == 'SwitchableNorm'
+
+    class Impostor(torch.nn.Module):
+        pass
+
+    with pytest.raises(KeyError, match='already registered'):
+        register(MODELS, 'SN', Impostor)
+    assert norm_plugins.__version__

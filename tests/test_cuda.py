@@ -1,11 +1,11 @@
-"""GPU checks, marked ``cuda`` (skipped when torch sees no GPU; tools/gpu_check.sh runs them):
+"""GPU checks, marked ``cuda`` (skipped when torch sees no GPU; tools/gpu_check.sh runs them), that
+need torch (and triton) alone; those through mmdet/mmseg are in test_cuda_toolbox.py:
 
 - every layer on CUDA against the float64 CPU references, forward and backward, train and eval, NCHW
   and channels_last, float32 and (at their rounding) float16/bfloat16;
-- one training step of an SN and a BCN+WS ResNet-18 under fp16 autocast with GradScaler and under
-  bf16 autocast, against the same step in float32;
+- one training step of an SN and a BCN+WS ResNet-18 (torch.nn and this package's layers) under fp16
+  autocast with GradScaler and under bf16 autocast, against the same step in float32;
 - SyncSN and synchronized BCN in an NCCL process group of world size 1 equal their unsynchronized forms;
-- the Mask R-CNN SN demo config for 20 iterations on the GPU;
 - the Triton kernels (``NORM_PLUGINS_BACKEND=auto`` on CUDA tensors) against the torch path.
 
 Errors are measured against the reference's largest magnitude, at least 1 (the values compared are
@@ -13,7 +13,7 @@ O(1) or sums of them; mixture-logit gradients are small differences of such sums
 per dtype covers a whole tensor: 1e-5 for float32, a few units of the half types' rounding otherwise.
 """
 import copy
-import json
+import functools
 import math
 
 import pytest
@@ -29,7 +29,6 @@ from norm_plugins.testing import free_port
 from test_batch_channel_norm import batch_moments, randomize_affine, reference_algorithm1, reference_bcn
 from test_switchable_norm import randomized, reference_sn, sample
 from test_weight_standardization import reference_standardize
-from tools_helpers import MASK_RCNN, REPO, make_tiny_shapes, run_tool, tiny_options
 
 pytestmark = pytest.mark.cuda
 DEVICE = torch.device('cuda')
@@ -196,25 +195,42 @@ def test_ws_conv_matches_float64_reference(formula, layout, dtype):
         assert_near(actual, expected, TOLERANCES[dtype], f'{what} gradient')
 
 
-class Classifier(nn.Module):
-    """mmdet's ResNet-18 with the given norm and conv, global pooling and a 10-way linear layer."""
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 conv-norm pairs beside an identity or 1x1 conv-norm shortcut."""
 
-    def __init__(self, norm_cfg, conv_cfg=None):
+    def __init__(self, conv, norm, in_channels, channels, stride):
         super().__init__()
-        from mmdet.models.backbones import ResNet
-        # zero_init_residual off: every parameter gets a gradient in the first step.
-        self.backbone = ResNet(depth=18, out_indices=(3,), norm_cfg=norm_cfg, conv_cfg=conv_cfg, norm_eval=False,
-                               zero_init_residual=False)
-        self.backbone.init_weights()
-        self.fc = nn.Linear(512, 10)
+        self.conv1, self.norm1 = conv(in_channels, channels, 3, stride, 1, bias=False), norm(channels)
+        self.conv2, self.norm2 = conv(channels, channels, 3, 1, 1, bias=False), norm(channels)
+        self.shortcut = nn.Identity() if stride == 1 and in_channels == channels else nn.Sequential(
+            conv(in_channels, channels, 1, stride, bias=False), norm(channels))
 
     def forward(self, x):
-        return self.fc(self.backbone(x)[0].mean((2, 3)))
+        y = F.relu(self.norm1(self.conv1(x)))
+        return F.relu(self.norm2(self.conv2(y)) + self.shortcut(x))
+
+
+class Classifier(nn.Sequential):
+    """ResNet-18 from torch.nn and the given conv and norm (a 7x7 stem and max pooling, two basic
+    blocks per stage at 64 to 512 channels), global average pooling and a 10-way linear layer. No
+    norm starts at zero, so every parameter gets a gradient in the first step."""
+
+    def __init__(self, norm, conv=nn.Conv2d):
+        layers, in_channels = [conv(3, 64, 7, 2, 3, bias=False), norm(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)], 64
+        for stage, channels in enumerate((64, 128, 256, 512)):
+            for block in range(2):
+                layers.append(BasicBlock(conv, norm, in_channels, channels, 2 if stage and not block else 1))
+                in_channels = channels
+        super().__init__(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):  # as mmdet/torchvision ResNets start
+                nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
 
 
 RESNETS = {
-    'SN': lambda: Classifier(dict(type='SN')),
-    'BCN+WS': lambda: Classifier(dict(type='BCN', num_groups=32, estimate=True), dict(type='WSConv', formula='bcn')),
+    'SN': lambda: Classifier(SwitchableNorm),
+    'BCN+WS': lambda: Classifier(lambda c: BatchChannelNorm(c, num_groups=32, estimate=True),
+                                 functools.partial(WSConv2d, formula='bcn')),
 }
 INIT_SCALE = 2.0 ** 10
 
@@ -237,7 +253,8 @@ def sgd_step(model, x, labels, amp_dtype=None, scaler=None):
 
 
 # AMP dtype -> (relative loss difference, cosine of the parameter updates, relative update norm
-# difference) allowed against the float32 step; measured on a CPU: 3e-4/2e-3, 0.997/0.93, 0.004/0.006.
+# difference) allowed against the float32 step; the worst of both networks over seeds 0-3, measured on
+# a CPU: 6e-4/6e-3, 0.993/0.925, 0.009/0.023.
 AMP_TOLERANCES = {'float16': (0.01, 0.99, 0.02), 'bfloat16': (0.02, 0.85, 0.05)}
 
 
@@ -303,23 +320,6 @@ def test_synchronized_layers_at_world_size_one_equal_unsynchronized(world_of_one
             torch.testing.assert_close(p.grad, p_plain.grad, msg=f'{pair} {name} gradient, step {step}')
         for (name, b), b_plain in zip(synced.named_buffers(), plain.buffers()):
             torch.testing.assert_close(b, b_plain, msg=f'{pair} {name}, step {step}')
-
-
-@pytest.mark.slow
-def test_mask_rcnn_demo_trains_20_iterations_on_the_gpu(tmp_path):
-    data = make_tiny_shapes(tmp_path / 'shapes')
-    work_dir = tmp_path / 'work'
-    run_tool(['tools/train.py', str(MASK_RCNN), '--work-dir', str(work_dir), '--cfg-options']
-             + tiny_options(MASK_RCNN, data, max_iters=20, checkpoint_interval=20, batch_size=8), cwd=REPO)
-    scalars = [json.loads(line) for path in work_dir.glob('*/vis_data/scalars.json')
-               for line in path.read_text().splitlines()]
-    train = [row for row in scalars if 'loss' in row]
-    assert [row['iter'] for row in train] == list(range(1, 21))
-    for row in train:
-        losses = {k: v for k, v in row.items() if k.startswith('loss')}
-        assert len(losses) >= 5 and all(math.isfinite(v) for v in losses.values()), row
-        # mmengine logs the peak GPU memory only when training on CUDA.
-        assert row.get('memory', 0) > 0, row
 
 
 ROW_SHAPES = {'odd-length': (3, 8, 37), 'one-position': (1, 4, 1), 'long-rows': (2, 64, 400 * 672)}

@@ -28,7 +28,7 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
-from norm_plugins import BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv2d
+from norm_plugins.layers import BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv2d
 from norm_plugins.ops.backend import BACKENDS, ENV_VAR
 
 DEFAULT_SHAPES = ('2x256x200x336', '2x64x400x672', '16x256x56x56')

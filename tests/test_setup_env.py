@@ -136,6 +136,34 @@ def test_prune_present_treats_any_target_cv2_as_opencv_python(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['mmcv-2.1.0.tar.gz', 'yapf-0.43.0-py3-none-any.whl']
 
 
+def _purelib(python: Path) -> Path:
+    return Path(subprocess.run([str(python), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                               capture_output=True, text=True, check=True).stdout.strip())
+
+
+def test_a_venv_over_a_system_python_that_is_itself_a_venv_sees_its_packages(tmp_path):
+    """The GPU node's python3 is a venv (/opt/torch/.venv). A --system-site-packages venv made by it
+    sees the base Python's site-packages, not that venv's torch, until link-system-site adds them
+    (after the new venv's own, so what setup_env.sh installs there comes first)."""
+    system = tmp_path / 'system'
+    subprocess.run([sys._base_executable, '-m', 'venv', '--without-pip', str(system)], check=True)
+    system_python, system_site = system / 'bin' / 'python', _purelib(system / 'bin' / 'python')
+    (system_site / 'probe_system_torch.py').write_text('')
+    venv = tmp_path / 'venv'
+    subprocess.run([str(system_python), '-m', 'venv', '--without-pip', '--system-site-packages', str(venv)], check=True)
+    probe = [str(venv / 'bin' / 'python'), '-c', 'import sys, probe_system_torch; print("\\n".join(sys.path))']
+    assert subprocess.run(probe, capture_output=True).returncode != 0
+    venv_site = _purelib(venv / 'bin' / 'python')
+    helper_command = [str(REPO / 'tools' / '_setup_env.py'), 'link-system-site', str(venv_site)]
+    linked = subprocess.run([str(system_python), *helper_command], capture_output=True, text=True, check=True)
+    assert 'is itself a venv' in linked.stdout and str(system_site) in linked.stdout
+    path = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert path.index(str(venv_site)) < path.index(str(system_site))
+    # A plain interpreter's venv sees its site-packages by itself: nothing to link, a stale link goes.
+    plain = subprocess.run([sys._base_executable, *helper_command], capture_output=True, text=True, check=True)
+    assert plain.stdout == '' and not (venv_site / helper.SYSTEM_SITE_PTH).exists()
+
+
 # End to end: a "system" interpreter that is not a venv and holds torch, as in a GPU container.
 
 PURELIB = Path(sysconfig.get_paths()['purelib'])

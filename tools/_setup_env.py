@@ -7,7 +7,9 @@ can drive them with chosen inputs:
   for one torch or device is never installed against another;
 - adoption of a wheel from the flat cache that earlier versions of setup_env.sh wrote;
 - the check after installing that ``mmcv.ops`` runs on the device it was built for;
-- the requirement list of an offline wheelhouse.
+- the requirement list of an offline wheelhouse;
+- a system interpreter that is itself a venv, whose packages a ``--system-site-packages`` venv
+  would not see by itself.
 
 Run as ``python tools/_setup_env.py COMMAND ...``; only ``plan``, ``check-ops`` and ``torch-pins``
 import torch.
@@ -184,6 +186,28 @@ def check_ops(ops: str) -> str:
     return f'mmcv.ops.roi_align runs on {" and ".join(devices)}{unchecked}'
 
 
+SYSTEM_SITE_PTH = 'norm_plugins-system-site.pth'
+
+
+def link_system_site(venv_site: Path) -> List[str]:
+    """Let a venv made with ``--system-site-packages`` by this interpreter see its packages, also
+    when this interpreter is itself a venv (a GPU image's ``python3`` often is: /opt/torch/.venv).
+    ``venv`` bases a new environment on ``sys._base_executable``, so "system" then means the base
+    Python's site-packages, without this venv's torch. A ``.pth`` file in the new venv adds this
+    interpreter's site-packages after the new venv's own. Returns the folders linked (none for a
+    plain system interpreter, whose site-packages the new venv sees already)."""
+    import site
+    linked = []
+    if sys.prefix != sys.base_prefix:
+        linked = list(dict.fromkeys(path for path in site.getsitepackages() if Path(path).is_dir()))
+    target = venv_site / SYSTEM_SITE_PTH
+    if linked:
+        target.write_text(''.join(f'{path}\n' for path in linked))
+    elif target.exists():
+        target.unlink()
+    return linked
+
+
 def _requirement_name(requirement: str) -> str:
     return re.split(r'[\s\[<>=!~;@]', requirement.strip(), maxsplit=1)[0].lower().replace('_', '-')
 
@@ -310,6 +334,8 @@ def _main(argv: Sequence[str]) -> int:
     commands.add_parser('check-ops', help='run mmcv.ops.roi_align where the ops can run').add_argument('ops')
     commands.add_parser('record-system-cv2', help='record a system cv2 as opencv-python').add_argument(
         'site', type=Path)
+    commands.add_parser('link-system-site', help="let a --system-site-packages venv see this venv's packages").add_argument(
+        'venv_site', type=Path)
     commands.add_parser('build-pins', help='print the build tools of mmcv, one per line')
     commands.add_parser('torch-pins', help='print pins of the installed torch (and triton), for pip -c')
     wheelhouse = commands.add_parser('wheelhouse-requirements', help='print what a wheelhouse holds, one per line')
@@ -342,6 +368,10 @@ def _main(argv: Sequence[str]) -> int:
             recorded = record_system_cv2(args.site)
             if recorded:
                 print(f'recorded the system cv2 as opencv-python=={recorded}')
+        elif args.command == 'link-system-site':
+            linked = link_system_site(args.venv_site)
+            if linked:
+                print(f'{sys.executable} is itself a venv: its packages ({", ".join(linked)}) are linked in')
         elif args.command == 'build-pins':
             print('\n'.join(BUILD_PINS))
         elif args.command == 'torch-pins':

@@ -108,6 +108,12 @@ if grep -qx 'include-system-site-packages *= *true' "$VENV/pyvenv.cfg"; then see
   || fail "$VENV $([[ $sees == 1 ]] && echo sees || echo "does not see") the system site-packages, so it does not fit $([[ $SYSTEM_TORCH == 1 ]] && echo "--system-torch" || echo "the pinned torch (no --system-torch)")" \
           "remove $VENV, or set NORM_PLUGINS_VENV to another folder"
 
+SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if [[ "$SYSTEM_TORCH" == 1 ]]; then
+  linked="$("$PYTHON" "$HELPER" link-system-site "$SITE")"
+  [[ -z "$linked" ]] || say "$linked"
+fi
+
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 SOURCE=()
 [[ -z "$WHEELHOUSE" ]] || SOURCE=(--no-index --find-links "$WHEELHOUSE")
@@ -118,8 +124,7 @@ if [[ "$SYSTEM_TORCH" == 1 ]]; then
   # Pin the system's torch (and triton) so that no requirement can pull another one in.
   "$VENV/bin/python" "$HELPER" torch-pins >"$VENV/norm_plugins-system-torch.txt"
   CONSTRAINTS=(-c "$VENV/norm_plugins-system-torch.txt")
-  recorded="$("$VENV/bin/python" "$HELPER" record-system-cv2 \
-    "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')")"
+  recorded="$("$VENV/bin/python" "$HELPER" record-system-cv2 "$SITE")"
   [[ -z "$recorded" ]] || say "$recorded (so pip does not install a second OpenCV over it)"
   say "using the system torch ($(paste -sd' ' "$VENV/norm_plugins-system-torch.txt")); installing build tools"
   "${PIP[@]}" install -q "${SOURCE[@]}" "${CONSTRAINTS[@]}" "${BUILD_PINS[@]}" \

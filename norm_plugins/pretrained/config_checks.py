@@ -113,14 +113,23 @@ def pretrained_references(model_cfg: Dict[str, Any], where: str = 'model') -> Li
     return found
 
 
+# Norm types sharing one state-dict layout (the synchronized forms add no tensor).
+_LAYOUT_FAMILY = {'SN': 'SN', 'SyncSN': 'SN', 'SSN': 'SSN', 'SyncSSN': 'SSN'}
+
+
+def _ratio_groups(norm_cfg: Optional[Dict[str, Any]]) -> int:
+    return int((norm_cfg or {}).get('ratio_groups', 1))
+
+
 def _norm_signature(norm_cfg: Optional[Dict[str, Any]]) -> Tuple:
     """What of a norm config decides the state-dict layout."""
     cfg = dict(norm_cfg or {'type': 'BN'})
     norm_type = cfg.get('type')
-    if norm_type in ('SN', 'SyncSN'):
+    if norm_type in _LAYOUT_FAMILY:
         normalizers = cfg.get('normalizers', ('in', 'ln', 'bn'))
         normalizers = (normalizers,) if isinstance(normalizers, str) else normalizers
-        return ('SN', frozenset(normalizers), bool(cfg.get('tied', False)))
+        return (_LAYOUT_FAMILY[norm_type], frozenset(normalizers), bool(cfg.get('tied', False)),
+                _ratio_groups(cfg))
     if norm_type in ('GN', 'BCN'):
         return (norm_type, cfg.get('num_groups', 32 if norm_type == 'BCN' else None))
     return (norm_type,)
@@ -159,7 +168,11 @@ def check_backbone_fits(backbone_cfg: Dict[str, Any], entry: PretrainedEntry, wh
     for key in ('stem_channels', 'base_channels'):
         if backbone_cfg.get(key, 64) != 64:
             problems.append(f'{key}={backbone_cfg[key]} but the checkpoint has 64')
-    if _norm_signature(backbone_cfg.get('norm_cfg')) != _norm_signature(entry.norm_cfg):
+    used, trained = _norm_signature(backbone_cfg.get('norm_cfg')), _norm_signature(entry.norm_cfg)
+    if used[:-1] == trained[:-1] and used[0] in _LAYOUT_FAMILY.values():
+        if used != trained:
+            problems.append(_ratio_groups_problem(backbone_cfg.get('norm_cfg'), entry))
+    elif used != trained:
         problems.append(f"norm_cfg={dict(backbone_cfg.get('norm_cfg') or {'type': 'BN'})} does not match "
                         f'the checkpoint\'s {entry.norm_cfg} (type, SN normalizers/tied, groups)')
     conv_type = (backbone_cfg.get('conv_cfg') or {}).get('type')
@@ -168,6 +181,25 @@ def check_backbone_fits(backbone_cfg: Dict[str, Any], entry: PretrainedEntry, wh
                         f'conv_cfg={entry.conv_cfg}')
     if problems:
         raise IncompatibleBackboneError(prefix + ':\n  - ' + '\n  - '.join(problems))
+
+
+def _ratio_groups_problem(norm_cfg: Dict[str, Any], entry: PretrainedEntry) -> str:
+    """Why a group count differs from the checkpoint's, with the entries that would fit."""
+    wanted, trained = _ratio_groups(norm_cfg), _ratio_groups(entry.norm_cfg)
+    count = len(entry.norm_cfg.get('normalizers', ('in', 'ln', 'bn')))
+
+    def shape(groups):
+        return f'({count},)' if groups == 1 else f'({groups}, {count})'
+
+    fitting = sorted(e.name for e in load_manifests().values()
+                     if _norm_signature(e.norm_cfg) == _norm_signature(norm_cfg)
+                     and e.architecture.get('depth') == entry.architecture.get('depth'))
+    advice = (f'load one of {fitting} instead (the same kind of weights with {wanted} ratio group(s))' if fitting else
+              f'convert the source into an entry with ratio_groups={wanted} (a single-group checkpoint is '
+              'repeated over the groups: see pretrained_manifests/README.md)')
+    return (f'norm_cfg has ratio_groups={wanted} (mixture logits {shape(wanted)} per layer) but the checkpoint\'s '
+            f'layers have ratio_groups={trained} (logits {shape(trained)}): a non-strict load would leave them at '
+            f'their initial values. Set ratio_groups={trained}, or {advice}')
 
 
 def _setting(layer_cfg: Dict[str, Any], key: str) -> Any:
@@ -223,10 +255,12 @@ def _batch_size(cfg: Config) -> int:
 
 
 def _alternatives(entry: PretrainedEntry, images_per_gpu: int) -> List[str]:
-    norm_type = entry.norm_cfg['type']
+    # Alternatives must hold the same layers: same norm layout (SN vs SSN, ratio groups, ...) and depth.
+    signature = _norm_signature(entry.norm_cfg)
     return sorted(e.name for e in load_manifests().values()
                   if e.name != entry.name and e.images_per_gpu == images_per_gpu
-                  and e.norm_cfg['type'] == norm_type and e.architecture.get('depth') == entry.architecture.get('depth'))
+                  and _norm_signature(e.norm_cfg) == signature
+                  and e.architecture.get('depth') == entry.architecture.get('depth'))
 
 
 def check_pretraining_batch(cfg: Config) -> List[BatchComparison]:

@@ -14,8 +14,19 @@ layers:
   per-group affine ``weight``/``bias`` of shape (1, G, 1) and the batch part as a BatchNorm2d
   submodule ``pbn`` (``bn`` in the README's ``BCNorm``) with per-channel weight, bias and running
   statistics.
+- ``ssn_resnet`` (Sparse_SwitchNorm, ``SSN2d``): the ``sn_resnet`` names and shapes, plus
+  ``mean_fixed``/``var_fixed`` (int64 (1,): 1 once the ratio vector froze, then ``mean_weight``/
+  ``var_weight`` hold the one-hot ratios themselves instead of logits) and the SparsestMax
+  ``radius`` (1,). A frozen vector becomes the index of its selected normalizer in our
+  ``mean_fixed``/``var_fixed`` (-1 while free), with ``mean_fixed_at``/``var_fixed_at`` -1 (the
+  iteration is not recorded in their files); ``radius`` becomes a 0-dim tensor.
 - ``mmdet_resnet``: already named like the target (one's own checkpoints, see
   ``tools/register_pretrained.py``): every key passes through unchanged.
+
+Group SN (``ratio_groups=G`` in the entry's ``norm_cfg``) from a checkpoint with one ratio vector per
+layer: the per-group tensors (logits (K,), SSN's ``*_fixed``/``*_fixed_at`` (1,)) are repeated over
+the G groups. The layer then computes exactly what the source layer computes, and finetuning lets
+the groups move apart; the report lists these keys as expanded.
 
 Norm ``sn/bn/gnK`` becomes ``{abbr}K`` of the target norm type (``sn``, ``gn``, ``bcn``); convs keep
 their names (``WSConv`` has the parameters of ``nn.Conv2d``). ``fc`` is dropped (the backbone has
@@ -35,7 +46,7 @@ from torch import Tensor
 
 from .errors import ConversionError
 from .manifest import PretrainedEntry, checkpoint_dir, get_entry
-from .store import converted_file_name, file_sha256, verify_sha256
+from .store import converted_file_name, file_sha256, verify_source
 
 RUNNING_STATS = ('keep', 'reset')
 _STAT_RESET = {'running_mean': torch.zeros_like, 'running_var': torch.ones_like,
@@ -61,12 +72,55 @@ class SourceLayout:
 
     ``norm_names``: source names of norm modules (``bn`` in ``bn1``); ``params``: source parameter
     path inside a norm -> (target parameter name, reshape); ``added``: target parameters the source
-    lacks, created with the given value when the target has them.
+    lacks, created with the given value when the target has them; ``prepare``: rewrites the whole
+    source state dict first, for values that depend on other tensors of the same layer (its second
+    argument names the entry in error messages).
     """
     name: str
     norm_names: Tuple[str, ...]
     params: Dict[str, Tuple[str, Callable[[Tensor], Tensor]]]
     added: Dict[str, Callable[[], Tensor]] = field(default_factory=dict)
+    prepare: Optional[Callable[[Dict[str, Tensor], str], Dict[str, Tensor]]] = None
+
+
+# The per-group tensors of (S)SN, repeated when a single-vector checkpoint fills a group SN.
+_PER_GROUP = frozenset({'mean_weight', 'var_weight', 'mean_fixed', 'var_fixed', 'mean_fixed_at', 'var_fixed_at'})
+# How close to 1 and 0 the authors' frozen ratio vectors must be: SparsestMax clamps to [0, 1], so the
+# one-hot values are exact, but their sum is formed in float32.
+_ONE_HOT_TOLERANCE = 1e-6
+
+
+def _scalar(t: Tensor) -> Tensor:
+    return t.reshape(())
+
+
+def _ssn_frozen_choices(source: Dict[str, Tensor], name: str) -> Dict[str, Tensor]:
+    """The authors' ``{mean,var}_fixed`` flags (0 free, 1 frozen) as our indices (-1 free, else the
+    selected normalizer: the position of the 1 in their one-hot ``{mean,var}_weight``)."""
+    prepared = dict(source)
+    for key, flag in source.items():
+        prefix, _, leaf = key.rpartition('.')
+        if leaf not in ('mean_fixed', 'var_fixed'):
+            continue
+        ratios_key = f'{prefix}.{leaf[:-len("_fixed")]}_weight'
+        if flag.numel() != 1 or int(flag) not in (0, 1):
+            raise ConversionError(f'{name}: {key} is {flag.tolist()}; the SSN authors\' layer stores one flag, '
+                                  '0 (free) or 1 (frozen). The file is not an SSN2d checkpoint.')
+        if ratios_key not in source:
+            raise ConversionError(f'{name}: {key} has no {ratios_key} beside it; the source is not an SSN2d '
+                                  'checkpoint')
+        if int(flag) == 0:
+            prepared[key] = torch.full((1,), -1, dtype=torch.long)
+            continue
+        ratios = source[ratios_key].double()
+        index = int(ratios.argmax())
+        rest = float(ratios.sum() - ratios[index])
+        if abs(float(ratios[index]) - 1) > _ONE_HOT_TOLERANCE or rest > _ONE_HOT_TOLERANCE or ratios.min() < 0:
+            raise ConversionError(
+                f'{name}: {key} is 1 (frozen), so {ratios_key} should hold one-hot ratios, but it holds '
+                f'{ratios.tolist()}. The file is not a checkpoint of the authors\' SSN2d.')
+        prepared[key] = torch.tensor([index], dtype=torch.long)
+    return prepared
 
 
 _BCN_PARAMS = {'weight': ('group_weight', _flat), 'bias': ('group_bias', _flat),
@@ -81,6 +135,17 @@ LAYOUTS: Dict[str, SourceLayout] = {
          'running_var': ('running_var', _flat)},
         # The authors' SN counts no batches; 0 is what a fresh layer holds.
         {'num_batches_tracked': lambda: torch.tensor(0, dtype=torch.long)}),
+    'ssn_resnet': SourceLayout(
+        'ssn_resnet', ('sn',),
+        {'weight': ('weight', _flat), 'bias': ('bias', _flat), 'mean_weight': ('mean_weight', _same),
+         'var_weight': ('var_weight', _same), 'running_mean': ('running_mean', _flat),
+         'running_var': ('running_var', _flat), 'mean_fixed': ('mean_fixed', _same),
+         'var_fixed': ('var_fixed', _same), 'radius': ('radius', _scalar)},
+        # Their SSN2d counts no batches and does not record when a vector froze ("unknown": -1).
+        {'num_batches_tracked': lambda: torch.tensor(0, dtype=torch.long),
+         'mean_fixed_at': lambda: torch.full((1,), -1, dtype=torch.long),
+         'var_fixed_at': lambda: torch.full((1,), -1, dtype=torch.long)},
+        _ssn_frozen_choices),
     'gn_ws_resnet': SourceLayout(
         'gn_ws_resnet', ('bn', 'gn'), {'weight': ('weight', _same), 'bias': ('bias', _same)}),
     'bcn_ws_resnet': SourceLayout('bcn_ws_resnet', ('bn',), _BCN_PARAMS),
@@ -96,13 +161,20 @@ class ConversionReport:
     dropped: List[Tuple[str, str]] = field(default_factory=list)
     added: List[str] = field(default_factory=list)
     reset: List[str] = field(default_factory=list)
+    #: Per-group tensors repeated over the target's ratio groups (see the module docstring).
+    expanded: List[str] = field(default_factory=list)
+    #: Which published digest of the source file was verified (set by :func:`convert_checkpoint_file`).
+    source_check: Optional[str] = None
 
     def summary(self) -> str:
-        lines = [f'{len(self.state_dict)} tensors written; {sum(a != b for a, b in self.renamed)} renamed, '
-                 f'{len(self.dropped)} dropped, {len(self.added)} added, {len(self.reset)} reset']
+        lines = [self.source_check] if self.source_check else []
+        lines += [f'{len(self.state_dict)} tensors written; {sum(a != b for a, b in self.renamed)} renamed, '
+                  f'{len(self.dropped)} dropped, {len(self.added)} added, {len(self.reset)} reset, '
+                  f'{len(self.expanded)} expanded to ratio groups']
         lines += [f'  dropped {key}: {why}' for key, why in self.dropped]
         lines += [f'  added {key}' for key in self.added]
         lines += [f'  reset {key}' for key in self.reset]
+        lines += [f'  expanded {key}' for key in self.expanded]
         return '\n'.join(lines)
 
 
@@ -207,6 +279,8 @@ def convert_state_dict(source: Dict[str, Tensor], entry: PretrainedEntry, runnin
     elif entry.key_layout in LAYOUTS:
         layout = LAYOUTS[entry.key_layout]
         abbr = _norm_abbr(entry.norm_cfg)
+        if layout.prepare is not None:
+            source = layout.prepare(source, entry.name)
         for key, value in source.items():
             why = next((why for pattern, why in _DROPPED.items() if pattern.fullmatch(key)), None)
             if why is not None:
@@ -230,6 +304,7 @@ def convert_state_dict(source: Dict[str, Tensor], entry: PretrainedEntry, runnin
     else:
         raise ConversionError(f'{entry.name}: unknown Source.Key Layout {entry.key_layout!r}; known layouts: '
                               f'{sorted(LAYOUTS) + [NATIVE_LAYOUT]}')
+    _expand_ratio_groups(report, target)
     _check_against_target(entry.name, report, leftover, target)
     if running_stats == 'reset':
         for key, value in report.state_dict.items():
@@ -238,6 +313,21 @@ def convert_state_dict(source: Dict[str, Tensor], entry: PretrainedEntry, runnin
                 report.state_dict[key] = reset(value)
                 report.reset.append(key)
     return report
+
+
+def _expand_ratio_groups(report: ConversionReport, target: Dict[str, Tuple[Tuple[int, ...], torch.dtype]]) -> None:
+    """Repeat single-group (S)SN tensors over the groups of a group-SN target: (K,) logits -> (G, K),
+    (1,) SSN flags -> (G,). Other shape differences are left for the strict check to report."""
+    for key, value in report.state_dict.items():
+        if key.rpartition('.')[2] not in _PER_GROUP or key not in target:
+            continue
+        shape = target[key][0]
+        # The single-group layout: logits (K,) where the group SN has (G, K); flags (1,) for (G,).
+        single = shape[1:] if len(shape) == 2 else (1,)
+        if len(shape) not in (1, 2) or shape[0] == 1 or tuple(value.shape) != single:
+            continue
+        report.state_dict[key] = value.reshape((1,) + shape[1:]).expand(shape).clone()
+        report.expanded.append(key)
 
 
 def _check_against_target(name: str, report: ConversionReport, leftover: List[str],
@@ -266,7 +356,8 @@ def _check_against_target(name: str, report: ConversionReport, leftover: List[st
             f'{name}: the source checkpoint does not fit the backbone of this manifest entry exactly:\n  '
             + '\n  '.join(problems)
             + "\nCheck that the file is the one the entry's Source.URLs point to (depth, norm type, "
-              "'bn' in SN's normalizers), or register it as a new entry with tools/register_pretrained.py.")
+              "'bn' in SN's normalizers, ratio_groups), or register it as a new entry with "
+              "tools/register_pretrained.py.")
     for key, value in report.state_dict.items():
         if value.dtype != target[key][1]:
             report.state_dict[key] = value.to(target[key][1])
@@ -294,18 +385,19 @@ def convert_checkpoint_file(name: str, source, out_dir=None, running_stats: str 
                             trust_pickle: bool = False) -> Tuple[Path, str, ConversionReport]:
     """Convert the authors' file ``source`` for manifest entry ``name`` into ``out_dir``.
 
-    Checks the source against the published hash (or hash prefix) when the manifest has one, converts
-    strictly (see :func:`convert_state_dict`) and writes ``{name}-{sha256[:8]}.pth``, by default into
-    the cache folder where ``norm_plugins://name`` looks. Returns (path, sha256, report).
+    Checks the source against every digest the manifest records (``Source.SHA256``, full or a
+    published prefix; ``Source.MD5``), converts strictly (see :func:`convert_state_dict`) and writes
+    ``{name}-{sha256[:8]}.pth``, by default into the cache folder where ``norm_plugins://name`` looks.
+    Returns (path, sha256, report); ``report.source_check`` says which digest was verified.
     """
     entry = get_entry(name)
     source = Path(source).expanduser()
     if not source.is_file():
         raise FileNotFoundError(f'source checkpoint {source} does not exist; download it from '
                                 f'{list(entry.source_urls)}')
-    if entry.source_sha256:
-        verify_sha256(source, entry.source_sha256, f'source checkpoint of {entry.name}')
+    source_check = verify_source(entry, source)
     report = convert_state_dict(unwrap_state_dict(read_source_checkpoint(source, trust_pickle)), entry,
                                 running_stats)
+    report.source_check = source_check
     path, sha256 = save_converted(report.state_dict, entry.name, checkpoint_dir() if out_dir is None else out_dir)
     return path, sha256, report

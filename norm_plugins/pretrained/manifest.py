@@ -7,7 +7,8 @@ model entry has, besides OpenMMLab's ``Name``, ``In Collection``, ``Metadata``, 
 - ``Method``: the ``norm_cfg`` / ``conv_cfg`` that reproduce the layers the weights were trained with;
 - ``Architecture``: the mmdet/mmseg ``ResNet`` arguments the weights fit (type, depth, deep_stem, style);
 - ``Source``: where the authors' file comes from (``URLs``, ``File``, published ``SHA256`` or its
-  prefix) and its ``Key Layout`` (which converter reads it);
+  prefix, and ``MD5`` where the authors published only that digest) and its ``Key Layout`` (which
+  converter reads it);
 - ``Converted``: the converted file's name and sha256 once known;
 - ``Unknowns``: for every null field, keyed by its dotted path, why it is unknown.
 
@@ -33,6 +34,10 @@ REQUIRED_FIELDS = (
     'Metadata.Epochs', 'Method.norm_cfg', 'Method.conv_cfg', 'Architecture.type', 'Architecture.depth',
     'Architecture.deep_stem', 'Architecture.style', 'Results', 'Weights', 'Source.URLs', 'Source.File',
     'Source.SHA256', 'Source.Key Layout', 'Converted.File', 'Converted.SHA256')
+# Digests the authors may publish of their source files: manifest field -> (hashlib name, what
+# the field holds). The field names the algorithm: a 32-digit MD5 is never read as a sha256 prefix.
+SOURCE_DIGESTS = {'SHA256': 'sha256', 'MD5': 'md5'}
+_HEX = frozenset('0123456789abcdef')
 _REPO_MANIFESTS = Path(__file__).resolve().parents[2] / 'pretrained_manifests'
 # setup.py's build_py copies pretrained_manifests/*.yml here in wheels and regular installs.
 _PACKAGED_MANIFESTS = Path(__file__).resolve().parent / 'manifests'
@@ -114,6 +119,16 @@ class PretrainedEntry:
         return self.get('Source.SHA256')
 
     @property
+    def source_md5(self) -> Optional[str]:
+        """The published MD5 of the authors' file (``Source.MD5``; absent for most entries)."""
+        return self.get('Source.MD5')
+
+    def source_digests(self) -> Dict[str, str]:
+        """The published digests of the authors' file by hashlib name (``{'sha256': ..., 'md5': ...}``)."""
+        return {algorithm: self.get(f'Source.{key}') for key, algorithm in SOURCE_DIGESTS.items()
+                if self.get(f'Source.{key}')}
+
+    @property
     def converted_file(self) -> Optional[str]:
         return self.get('Converted.File')
 
@@ -125,10 +140,10 @@ class PretrainedEntry:
     def uses_batch_statistics(self) -> bool:
         """Whether the pretrained norm layers normalize with statistics over the batch.
 
-        True for SN mixing in 'bn' and for BCN; False for GN (+WS) and SN(8,1) without 'bn'.
+        True for SN and SSN mixing in 'bn' and for BCN; False for GN (+WS) and SN(8,1) without 'bn'.
         """
         norm_type = self.norm_cfg['type']
-        if norm_type in ('SN', 'SyncSN'):
+        if norm_type in ('SN', 'SyncSN', 'SSN', 'SyncSSN'):
             return 'bn' in self.norm_cfg.get('normalizers', ('in', 'ln', 'bn'))
         return norm_type in ('BCN', 'BN', 'SyncBN')
 
@@ -197,9 +212,31 @@ def validate_entry(raw: Any, where: str) -> None:
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ManifestError(f'{where}: {key} must be a positive integer or null, got {value!r}')
     sha = raw['Converted']['SHA256']
-    if sha is not None and (not isinstance(sha, str) or len(sha) != 64
-                            or any(c not in '0123456789abcdef' for c in sha)):
+    if sha is not None and not _is_hex(sha, 64):
         raise ManifestError(f'{where}: Converted.SHA256 must be 64 lowercase hex digits, got {sha!r}')
+    _validate_source_digests(raw['Source'], where)
+
+
+def _is_hex(value: Any, length: int) -> bool:
+    return isinstance(value, str) and len(value) == length and set(value) <= _HEX
+
+
+def _validate_source_digests(source: Dict[str, Any], where: str) -> None:
+    """``Source.SHA256``: 8 to 64 lowercase hex digits (a published prefix or the full hash), but not
+    32, the length of an MD5, which belongs under ``Source.MD5`` (exactly 32 digits)."""
+    sha = source.get('SHA256')
+    if sha is not None:
+        if isinstance(sha, str) and len(sha) == 32 and set(sha) <= _HEX:
+            raise ManifestError(f'{where}: Source.SHA256 {sha!r} has the 32 hex digits of an MD5. If the authors '
+                                'published an MD5, record it as Source.MD5 (and Source.SHA256: null with a reason '
+                                'under Unknowns); a sha256 prefix is recorded with the digits published.')
+        if not (isinstance(sha, str) and 8 <= len(sha) <= 64 and set(sha) <= _HEX):
+            raise ManifestError(f'{where}: Source.SHA256 must be the published sha256 or a prefix of it '
+                                f'(8 to 64 lowercase hex digits), got {sha!r}')
+    md5 = source.get('MD5')
+    if md5 is not None and not _is_hex(md5, 32):
+        raise ManifestError(f'{where}: Source.MD5 must be the 32 lowercase hex digits of the published MD5, '
+                            f'got {md5!r}')
 
 
 def read_manifest(path: Path) -> List[PretrainedEntry]:

@@ -24,27 +24,68 @@ _CHUNK = 1 << 20
 _CONVERT_TOOL = Path(__file__).resolve().parents[2] / 'tools' / 'convert_pretrained.py'
 
 
-def file_sha256(path: Union[str, Path]) -> str:
-    """sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+# How messages name each digest algorithm.
+DIGEST_NAMES = {'sha256': 'sha256', 'md5': 'MD5'}
+
+
+def file_digest(path: Union[str, Path], algorithm: str = 'sha256') -> str:
+    """Hex digest of a file (``algorithm`` a hashlib name: ``'sha256'`` or ``'md5'``), read in 1 MiB chunks."""
+    digest = hashlib.new(algorithm)
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(_CHUNK), b''):
             digest.update(chunk)
     return digest.hexdigest()
 
 
+def file_sha256(path: Union[str, Path]) -> str:
+    """sha256 of a file."""
+    return file_digest(path, 'sha256')
+
+
 def converted_file_name(name: str, sha256: str) -> str:
     return f'{name}-{sha256[:8]}.pth'
 
 
+def verify_digest(path: Path, algorithm: str, expected: str, what: str,
+                  advice: str = 'delete it and convert the source again') -> str:
+    """Check ``path`` against an expected digest of ``algorithm`` ('sha256': the full hash or a published
+    prefix; 'md5': the full hash); returns the file's actual digest."""
+    actual = file_digest(path, algorithm)
+    matches = actual.startswith(expected.lower()) if algorithm == 'sha256' else actual == expected.lower()
+    if not matches:
+        raise ChecksumMismatchError(
+            f'{what}: {DIGEST_NAMES[algorithm]} mismatch for {path}: expected {expected}, got {actual}. The '
+            f'file is corrupt, truncated or a different checkpoint; {advice}.')
+    return actual
+
+
 def verify_sha256(path: Path, expected: str, what: str) -> str:
     """Check ``path`` against a full sha256 or a published prefix of one; returns the actual hash."""
-    actual = file_sha256(path)
-    if not actual.startswith(expected.lower()):
-        raise ChecksumMismatchError(
-            f'{what}: sha256 mismatch for {path}: expected {expected}, got {actual}. The file is '
-            'corrupt, truncated or a different checkpoint; delete it and convert the source again.')
-    return actual
+    return verify_digest(path, 'sha256', expected, what)
+
+
+def verify_source(entry: PretrainedEntry, path: Path) -> str:
+    """Check the authors' file against every digest the entry records (``Source.SHA256``, ``Source.MD5``);
+    returns a sentence saying which were verified, for the conversion report.
+
+    Raises:
+        ChecksumMismatchError: naming the algorithm, the expected and the actual digest.
+    """
+    digests = entry.source_digests()
+    what = f'source checkpoint of {entry.name}'
+    for algorithm, expected in digests.items():
+        verify_digest(path, algorithm, expected, what,
+                      advice="download it again from the entry's Source.URLs (python tools/convert_pretrained.py "
+                             '--list shows them)')
+    if not digests:
+        return f'source not verified: the authors published no digest of {entry.name}\'s file'
+    checked = []
+    for algorithm, expected in digests.items():
+        kind = 'prefix ' if algorithm == 'sha256' and len(expected) < 64 else ''
+        checked.append(f'{DIGEST_NAMES[algorithm]} {kind}{expected}')
+    only_md5 = ' (no sha256 is published; MD5 detects a corrupt or different file, not a forged one)' \
+        if 'sha256' not in digests else ''
+    return f'source verified against the published {" and ".join(checked)}{only_md5}'
 
 
 def conversion_command(entry: PretrainedEntry, source: str = '/path/to/downloaded/file') -> str:
@@ -54,8 +95,10 @@ def conversion_command(entry: PretrainedEntry, source: str = '/path/to/downloade
 
 def _missing_message(entry: PretrainedEntry, expected: str) -> str:
     urls = '\n'.join(f'  - {url}' for url in entry.source_urls) or '  (no URL recorded)'
-    sha = entry.source_sha256
-    published = '' if not sha else (f' (sha256 {sha})' if len(sha) == 64 else f' (sha256 starting with {sha})')
+    published = [f'sha256 {sha}' if len(sha) == 64 else f'sha256 starting with {sha}'
+                 for sha in [entry.source_sha256] if sha]
+    published += [f'MD5 {md5}' for md5 in [entry.source_md5] if md5]
+    published = f' ({", ".join(published)})' if published else ''
     return (f'{SCHEME}{entry.name}: converted checkpoint not found: expected {expected} '
             '(norm_plugins never downloads).\n'
             f'Download the source checkpoint{published} from:\n{urls}\n'

@@ -1,5 +1,6 @@
 """Figures of SN ratios in the papers' style: per-layer stacked IN/LN/BN bars (SN paper Fig. 8),
 per-layer divergence between two models (Fig. 5) and ratios over training iterations (Fig. 3).
+Group-SN layers have one bar per channel group, labelled ``name[g]``.
 
 Every function writes ``<prefix>.png`` and ``<prefix>.svg`` and returns both paths.
 """
@@ -54,7 +55,7 @@ def _mark_groups(ax, layers: Sequence[LayerRatios], top: float, step: float) -> 
 def _layer_axis(ax, layers: Sequence[LayerRatios]) -> None:
     ax.set_xlim(-0.6, len(layers) - 0.4)
     ax.set_xticks(range(len(layers)))
-    ax.set_xticklabels([layer.name for layer in layers], rotation=90, fontsize=5)
+    ax.set_xticklabels([layer.label for layer in layers], rotation=90, fontsize=5)
 
 
 def _width(count: int) -> float:

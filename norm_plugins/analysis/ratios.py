@@ -4,6 +4,9 @@ The papers study, per normalization layer, the mean ratios ``r`` and variance ra
 (IN, LN, BN), the symmetric divergence ``D(r || r') = KL(r || r') + KL(r' || r)`` between them
 ("Do Normalization Layers Need to Be Distinct", Fig. 3c) and the same divergence between the ratios
 of one layer in two differently trained models (Fig. 5).
+
+A group-SN layer (``ratio_groups=G``) has one pair of ratio vectors per channel group; it appears
+as G rows, ``name[0]`` ... ``name[G-1]``, each compared and averaged like a layer of its own.
 """
 import math
 import re
@@ -22,12 +25,20 @@ _RATIO_FLOOR = 1e-12
 
 @dataclass
 class LayerRatios:
-    """The ratios of one SN layer, laid out as (IN, LN, BN) with 0 for normalizers it does not use."""
+    """The ratios of one SN layer (or of one channel group of a group-SN layer), laid out as
+    (IN, LN, BN) with 0 for normalizers it does not use."""
     name: str
     group: str
     normalizers: Tuple[str, ...]
     mean: Tensor
     var: Tensor
+    #: The channel group of a group-SN layer (None: the layer has one ratio vector pair).
+    ratio_group: Optional[int] = None
+
+    @property
+    def label(self) -> str:
+        """The layer name, with ``[g]`` for the channel group of a group-SN layer."""
+        return self.name if self.ratio_group is None else f'{self.name}[{self.ratio_group}]'
 
     def choice(self, which: str) -> str:
         ratios = self.mean if which == 'mean' else self.var
@@ -74,16 +85,21 @@ def _stage(parts: Sequence[str]) -> str:
     return match.group(1) if match else 'stem'
 
 
-def _layer_ratios(name: str, layer: SwitchableNorm) -> LayerRatios:
+def _layer_ratios(name: str, layer: SwitchableNorm) -> List[LayerRatios]:
+    """One row per ratio vector pair: one for SN, one per channel group for group SN."""
     with torch.no_grad():
         mean, var = (r.float().cpu() for r in layer.mixture_ratios())
-    return LayerRatios(_strip(name), group_of(name), layer.normalizers, mean, var)
+    name = _strip(name)
+    if mean.dim() == 1:
+        return [LayerRatios(name, group_of(name), layer.normalizers, mean, var)]
+    return [LayerRatios(name, group_of(name), layer.normalizers, m, v, g)
+            for g, (m, v) in enumerate(zip(mean, var))]
 
 
 def ratios_from_model(model: nn.Module) -> List[LayerRatios]:
-    """Every SN/SyncSN of ``model`` in module order."""
-    return [_layer_ratios(name, module) for name, module in model.named_modules()
-            if isinstance(module, SwitchableNorm)]
+    """Every SN/SyncSN of ``model`` in module order (group SN: its groups in order)."""
+    return [row for name, module in model.named_modules() if isinstance(module, SwitchableNorm)
+            for row in _layer_ratios(name, module)]
 
 
 # Logit counts of the authors' checkpoints: three (IN, LN, BN), or two without BN (using_bn=False).
@@ -93,28 +109,33 @@ _NORMALIZERS_BY_COUNT = {3: NORMALIZERS, 2: ('in', 'ln')}
 def ratios_from_state_dict(state_dict: Mapping[str, Tensor]) -> List[LayerRatios]:
     """Every SN layer of a state dict, recognized by its ``mean_weight`` logits.
 
-    Without the model the normalizers are inferred from the number of logits: 3 is (IN, LN, BN),
-    2 is (IN, LN) as in the authors' ``using_bn=False`` models. Other subsets need the config.
-    Each layer's ratios are those of an SN holding its logits (tied when it has no ``var_weight``).
+    Without the model the normalizers are inferred from the number of logits per ratio vector (the
+    last dimension; group SN stores (G, K)): 3 is (IN, LN, BN), 2 is (IN, LN) as in the authors'
+    ``using_bn=False`` models. Other subsets need the config. Each layer's ratios are those of an
+    SN holding its logits (tied when it has no ``var_weight``).
     """
     layers = []
     for key, mean_logits in state_dict.items():
         if not (key == 'mean_weight' or key.endswith('.mean_weight')):
             continue
         prefix = key[:-len('mean_weight')]
-        normalizers = _NORMALIZERS_BY_COUNT.get(mean_logits.numel())
+        if mean_logits.dim() not in (1, 2):
+            raise ValueError(f'{key} has shape {tuple(mean_logits.shape)}; SN logits are (K,) or, for group SN, '
+                             '(G, K). Is this an SN checkpoint?')
+        groups, count = (1, mean_logits.numel()) if mean_logits.dim() == 1 else tuple(mean_logits.shape)
+        normalizers = _NORMALIZERS_BY_COUNT.get(count)
         if normalizers is None:
-            raise ValueError(f'{key} holds {mean_logits.numel()} logits; without the model their normalizers '
+            raise ValueError(f'{key} holds {count} logits per ratio vector; without the model their normalizers '
                              'are unknown. Pass the training config (--config) so the layers say which '
                              'normalizers they use.')
         var_logits = state_dict.get(prefix + 'var_weight')
-        layer = SwitchableNorm(1, normalizers=normalizers, tied=var_logits is None, affine=False,
-                               track_running_stats=False).double()
+        layer = SwitchableNorm(groups, normalizers=normalizers, tied=var_logits is None, affine=False,
+                               track_running_stats=False, ratio_groups=groups).double()
         with torch.no_grad():
             layer.mean_weight.copy_(mean_logits)
             if var_logits is not None:
                 layer.var_weight.copy_(var_logits)
-        layers.append(_layer_ratios(prefix.rstrip('.'), layer))
+        layers.extend(_layer_ratios(prefix.rstrip('.'), layer))
     return layers
 
 
@@ -135,7 +156,7 @@ def group_means(layers: Sequence[LayerRatios]) -> Dict[str, Dict[str, Tensor]]:
 def ratio_table(layers: Sequence[LayerRatios]) -> str:
     """A text table: layer, group, mean ratios, variance ratios, hard choice, D(mean || var)."""
     header = ('layer', 'group', 'mean IN/LN/BN', 'var IN/LN/BN', 'hard mean/var', 'D(mean||var)')
-    rows = [(layer.name, layer.group, _fmt(layer.mean), _fmt(layer.var),
+    rows = [(layer.label, layer.group, _fmt(layer.mean), _fmt(layer.var),
              f"{layer.choice('mean').upper()}/{layer.choice('var').upper()}", f'{layer.divergence():.4f}')
             for layer in layers]
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
@@ -150,14 +171,15 @@ def _fmt(ratios: Tensor) -> str:
 
 def compare_ratios(first: Sequence[LayerRatios],
                    second: Sequence[LayerRatios]) -> List[Tuple[LayerRatios, float, float]]:
-    """Per layer present in both: ``(layer of first, D(mean_1 || mean_2), D(var_1 || var_2))``.
+    """Per layer (group-SN: per channel group) present in both: ``(layer of first, D(mean_1 || mean_2),
+    D(var_1 || var_2))``.
 
     Raises:
         ValueError: if the two models share no SN layer name.
     """
-    others = {layer.name: layer for layer in second}
-    rows = [(layer, symmetric_kl(layer.mean, others[layer.name].mean), symmetric_kl(layer.var, others[layer.name].var))
-            for layer in first if layer.name in others]
+    others = {layer.label: layer for layer in second}
+    rows = [(layer, symmetric_kl(layer.mean, others[layer.label].mean), symmetric_kl(layer.var, others[layer.label].var))
+            for layer in first if layer.label in others]
     if not rows:
         raise ValueError('the two checkpoints share no SN layer name; compare checkpoints of the same '
                          'architecture (same config).')

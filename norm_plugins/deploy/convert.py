@@ -7,13 +7,16 @@
   mmdet/mmseg ResNet blocks' ``conv{i}``/``norm{i}``, consecutive ``nn.Sequential`` children), else a
   :class:`ChannelAffine`; IN -> ``nn.GroupNorm(C, C)``; LN -> ``nn.GroupNorm(1, C)``. A mean from one
   normalizer and a variance from another (or the unbiased instance variance), which no standard
-  layer computes, and SN with soft ratios stay SN: the layer itself computes its statistics.
+  layer computes, and SN with soft ratios stay SN: the layer itself computes its statistics. Group
+  SN (``ratio_groups`` > 1) converts the same way when all its channel groups select the same
+  normalizers (LN statistics are over all channels in group SN too); groups selecting different
+  ones stay SN.
 - BCN (eval statistics constant: running statistics or micro-batch estimates) -> its per-channel
   part (Eq. 40) as an affine folded like BN's, then ``nn.GroupNorm(G, C)`` carrying the per-group
   affine repeated over each group's channels.
 """
 from collections import Counter
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -68,14 +71,16 @@ def _fold_affine(conv: nn.Module, scale: Tensor, shift: Tensor) -> bool:
     return True
 
 
-def _one_hot_choice(layer: SwitchableNorm) -> Optional[Tuple[str, str]]:
-    """(mean normalizer, variance normalizer) of one-hot ratios; None for soft ones."""
-    choice = []
+def _one_hot_choices(layer: SwitchableNorm) -> Optional[Tuple[Set[str], Set[str]]]:
+    """The normalizers the (mean, variance) ratio vectors select, over all channel groups (one name
+    each when every group selects the same); None if any vector is not one-hot."""
+    choices = []
     for ratios in layer.mixture_ratios():
-        if float(ratios.max()) != 1.0:
+        rows = ratios.detach().reshape(-1, len(NORMALIZERS))
+        if bool((rows.max(-1).values != 1.0).any()):
             return None
-        choice.append(NORMALIZERS[int(ratios.argmax())])
-    return choice[0], choice[1]
+        choices.append({NORMALIZERS[i] for i in rows.argmax(-1).tolist()})
+    return choices[0], choices[1]
 
 
 def _group_norm(groups: int, channels: int, eps: float, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -90,9 +95,12 @@ def _group_norm(groups: int, channels: int, eps: float, weight: Optional[Tensor]
 
 def _convert_sn(layer: SwitchableNorm, fold) -> Tuple[Optional[nn.Module], str]:
     """The replacement of an SN layer and what it became (None: kept)."""
-    choice = _one_hot_choice(layer)
-    if choice is None:
+    choices = _one_hot_choices(layer)
+    if choices is None:
         return None, 'SN kept (soft ratios; harden first)'
+    if any(len(selected) > 1 for selected in choices):
+        return None, 'SN kept (hard, channel groups select different normalizers: no standard layer)'
+    choice = (next(iter(choices[0])), next(iter(choices[1])))
     if 'bn' in choice and not layer.track_running_stats:
         return None, 'SN kept (BN part uses batch statistics in eval)'
     like = layer.mean_weight
@@ -107,7 +115,6 @@ def _convert_sn(layer: SwitchableNorm, fold) -> Tuple[Optional[nn.Module], str]:
         return _group_norm(groups, layer.num_features, layer.eps, layer.weight, layer.bias, like), f'SN -> {name}'
     what = 'unbiased IN' if choice == ('in', 'in') else f'mean {choice[0].upper()}, var {choice[1].upper()}'
     return None, f'SN kept (hard, {what}: no standard layer)'
-
 
 
 def _convert_bcn(layer: BatchChannelNorm, fold) -> Tuple[Optional[nn.Module], str]:

@@ -5,7 +5,7 @@ from collections import Counter
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
-from ..layers.switchable_norm import SwitchableNorm
+from ..layers.switchable_norm import NORMALIZERS, SwitchableNorm
 
 
 class SNHardRatiosHook(Hook):
@@ -33,11 +33,12 @@ class SNHardRatiosHook(Hook):
         for module in model.modules():
             if isinstance(module, SwitchableNorm):
                 module.harden()
-                ratios = module.ratios()
-                choices['/'.join(max(ratios[w], key=lambda k: float(ratios[w][k])).upper()
-                                 for w in ('mean', 'var'))] += 1
+                # One (mean, var) choice per ratio vector pair: per channel group for group SN.
+                mean, var = (ratios.reshape(-1, len(NORMALIZERS)).argmax(-1).tolist()
+                             for ratios in module.mixture_ratios())
+                choices.update(f'{NORMALIZERS[m].upper()}/{NORMALIZERS[v].upper()}' for m, v in zip(mean, var))
         if not choices:
             raise ValueError("SNHardRatiosHook: the model has no SN layer; remove the hook or use "
                              "norm_cfg=dict(type='SN')")
-        runner.logger.info('SNHardRatiosHook: hard ratios (mean/var choice: layers) ' +
-                           ', '.join(f'{c}: {n}' for c, n in sorted(choices.items())))
+        runner.logger.info('SNHardRatiosHook: hard ratios (mean/var choice: layers, or channel groups of '
+                           'group-SN layers) ' + ', '.join(f'{c}: {n}' for c, n in sorted(choices.items())))

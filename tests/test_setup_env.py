@@ -82,6 +82,27 @@ def test_other_cuda_set_up_problems_stop_clearly(change, needle):
         helper.build_plan(**{**CPU_MACHINE, 'env': {'NORM_PLUGINS_MMCV_OPS': 'cuda'}})
 
 
+def test_cuda_library_headers_come_from_torchs_nvidia_wheels_when_the_toolkit_lacks_them(tmp_path):
+    """torch's CUDA headers include cusparse.h and friends: a minimal toolkit (nvcc and the runtime)
+    gets them from the nvidia-* wheels beside torch on CPATH, and neither having them stops early."""
+    toolkit, nvidia = tmp_path / 'cuda', tmp_path / 'site' / 'nvidia'
+    (toolkit / 'include').mkdir(parents=True)
+    with pytest.raises(helper.SetupError, match='wrapper script') as stop:
+        helper.cuda_header_dirs(str(toolkit), [nvidia])
+    assert 'CUDA_HOME=/usr/local/cuda' in stop.value.fix
+    (toolkit / 'include' / 'cuda_runtime.h').write_text('')
+    with pytest.raises(helper.SetupError, match='no cusparse.h') as stop:
+        helper.cuda_header_dirs(str(toolkit), [nvidia])
+    assert 'cuda-libraries-dev-13-0' in stop.value.fix
+    for library in ('cu13', 'nccl'):
+        (nvidia / library / 'include').mkdir(parents=True)
+    (nvidia / 'cu13' / 'include' / 'cusparse.h').write_text('')
+    assert helper.cuda_header_dirs(str(toolkit), [nvidia]) == [str(nvidia / 'cu13' / 'include'),
+                                                                str(nvidia / 'nccl' / 'include')]
+    (toolkit / 'include' / 'cusparse.h').write_text('')
+    assert helper.cuda_header_dirs(str(toolkit), [nvidia]) == []
+
+
 def _fake_wheel(path: Path, tag: str = 'cp311', links_cuda: bool = False) -> Path:
     wheel = path / f'mmcv-2.1.0-{tag}-{tag}-linux_x86_64.whl'
     with zipfile.ZipFile(wheel, 'w') as archive:

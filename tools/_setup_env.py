@@ -2,7 +2,8 @@
 can drive them with chosen inputs:
 
 - the build plan of mmcv 2.1.0 for the installed torch: CPU ops, CUDA ops (``FORCE_CUDA=1``, the arch
-  list of the visible GPUs, ``MAX_JOBS`` from the cores), or a stop that says what to install;
+  list of the visible GPUs, ``MAX_JOBS`` from the cores, the CUDA libraries' headers of torch's
+  nvidia-* wheels where the toolkit lacks them), or a stop that says what to install;
 - the wheel-cache flavour: one folder per (Python, torch build, ops and CUDA archs), so a wheel built
   for one torch or device is never installed against another;
 - adoption of a wheel from the flat cache that earlier versions of setup_env.sh wrote;
@@ -110,6 +111,29 @@ def build_plan(*, python: Sequence[int], torch_version: str, torch_cuda: Optiona
     return BuildPlan('cuda', f'{flavour}-ops-cuda-sm{re.sub(r"[^0-9A-Za-z.+]+", "_", archs)}', build_env)
 
 
+def cuda_header_dirs(cuda_home: Optional[str], nvidia_roots: Iterable[Path]) -> List[str]:
+    """Folders to put on CPATH for the mmcv build. torch's CUDA headers include the CUDA libraries'
+    headers (ATen/cuda/CUDAContextLight.h: cusparse.h, cublas_v2.h, cusolverDn.h). A full toolkit
+    has them; a minimal one (nvcc and the runtime only) does not, but a CUDA torch from PyPI brings
+    them in its nvidia-* wheels (nvidia/cu13/include, or nvidia/<library>/include for CUDA 12).
+    Stops before the build, which would otherwise fail minutes in."""
+    if not cuda_home or not Path(cuda_home, 'include', 'cuda_runtime.h').is_file():
+        raise SetupError(f'the CUDA toolkit torch found ({cuda_home}) has no include/cuda_runtime.h; the nvcc on '
+                         'PATH may be a wrapper script outside the toolkit',
+                         'set CUDA_HOME to the toolkit, the folder that holds bin/nvcc and include/ '
+                         '(e.g. CUDA_HOME=/usr/local/cuda)')
+    if Path(cuda_home, 'include', 'cusparse.h').is_file():
+        return []
+    wheels = sorted(str(include.parent) for root in nvidia_roots for include in Path(root).glob('*/include/cusparse.h'))
+    if not wheels:
+        raise SetupError(f'the CUDA toolkit at {cuda_home} has no cusparse.h, and no nvidia-* wheel beside torch '
+                         'has it either; torch\'s CUDA headers include it',
+                         'install the CUDA libraries\' headers (e.g. apt-get install cuda-libraries-dev-13-0), '
+                         'or set CUDA_HOME to a full toolkit')
+    return sorted(str(include) for root in nvidia_roots for include in Path(root).glob('*/include')
+                  if include.is_dir())
+
+
 def _nvcc_cuda() -> Optional[str]:
     """CUDA version of the nvcc that torch's extension builder will use, or None."""
     import subprocess
@@ -123,14 +147,22 @@ def _nvcc_cuda() -> Optional[str]:
 
 
 def current_plan(env: Mapping[str, str]) -> BuildPlan:
+    import importlib.util
     import torch
     cuda = torch.version.cuda
     capabilities = []
     if cuda and env.get('NORM_PLUGINS_MMCV_OPS') != 'cpu' and torch.cuda.is_available():
         capabilities = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-    return build_plan(python=sys.version_info, torch_version=torch.__version__, torch_cuda=cuda,
+    plan = build_plan(python=sys.version_info, torch_version=torch.__version__, torch_cuda=cuda,
                       nvcc_cuda=_nvcc_cuda() if cuda and env.get('NORM_PLUGINS_MMCV_OPS') != 'cpu' else None,
                       capabilities=capabilities, env=env, cpus=len(os.sched_getaffinity(0)))
+    if plan.ops == 'cuda':
+        from torch.utils.cpp_extension import CUDA_HOME
+        nvidia = importlib.util.find_spec('nvidia')
+        headers = cuda_header_dirs(CUDA_HOME, nvidia.submodule_search_locations if nvidia else ())
+        if headers:
+            plan.env['CPATH'] = os.pathsep.join(headers + ([env['CPATH']] if env.get('CPATH') else []))
+    return plan
 
 
 def torch_build() -> str:

@@ -8,8 +8,8 @@ that says what to install.
 """
 import warnings
 
-from .layers import (BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv1d, WSConv2d,
-                     WSConv3d)
+from .layers import (BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm, SyncSparseSwitchableNorm,
+                     SyncSwitchableNorm, WSConv1d, WSConv2d, WSConv3d)
 from .version import __version__
 
 _OPENMMLAB_INSTALL = ('bash tools/setup_env.sh in a norm_plugins checkout (it also builds mmcv\'s ops), or '
@@ -19,8 +19,9 @@ _OPENMMLAB_ONLY = frozenset([
     'BCNUpdateRateHook', 'NormAwareOptimWrapperConstructor', 'PreciseStatsHook', 'SNHardRatiosHook',
     'SNRatioLoggerHook', 'build_pool_norm_aspp_head', 'build_pool_norm_psp_head', 'register',
     'register_scheme', 'hooks', 'models', 'optim', 'pretrained', 'registry'])
-_TORCH_ONLY_ALL = ['BatchChannelNorm', 'OpenMMLabMissingWarning', 'SwitchableNorm', 'SyncSwitchableNorm',
-                   'WSConv1d', 'WSConv2d', 'WSConv3d', '__version__']
+_TORCH_ONLY_ALL = ['BatchChannelNorm', 'OpenMMLabMissingWarning', 'SparseSwitchableNorm', 'SwitchableNorm',
+                   'SyncSparseSwitchableNorm', 'SyncSwitchableNorm', 'WSConv1d', 'WSConv2d', 'WSConv3d',
+                   '__version__']
 
 
 class OpenMMLabMissingWarning(UserWarning):
@@ -58,6 +59,8 @@ else:
 
     register(MODELS, 'SN', SwitchableNorm)
     register(MODELS, 'SyncSN', SyncSwitchableNorm)
+    register(MODELS, 'SSN', SparseSwitchableNorm)
+    register(MODELS, 'SyncSSN', SyncSparseSwitchableNorm)
     register(MODELS, 'BCN', BatchChannelNorm)
     register(MODELS, 'WSConv', WSConv2d)
     register(MODELS, 'WSConv1d', WSConv1d)

@@ -98,8 +98,9 @@ def test_import_warns_keeps_the_layers_and_names_what_is_missing():
                    'pip install mmengine==0.10.7'):
         assert needed in message, (needed, message)
     assert probe['layers'] and probe['modules']
-    torch_only = ['BatchChannelNorm', 'OpenMMLabMissingWarning', 'SwitchableNorm', 'SyncSwitchableNorm',
-                  'WSConv1d', 'WSConv2d', 'WSConv3d', '__version__']
+    torch_only = ['BatchChannelNorm', 'OpenMMLabMissingWarning', 'SparseSwitchableNorm', 'SwitchableNorm',
+                  'SyncSparseSwitchableNorm', 'SyncSwitchableNorm', 'WSConv1d', 'WSConv2d', 'WSConv3d',
+                  '__version__']
     assert probe['all'] == probe['star'] == torch_only
     assert {'norm_plugins.ops.triton_kernels', 'norm_plugins.layers.switchable_norm'} <= set(probe['modules'])
     assert set(probe['errors']) >= {'PreciseStatsHook', 'NormAwareOptimWrapperConstructor', 'register', 'hooks'}

@@ -243,10 +243,14 @@ class SwitchableNorm(nn.Module):
             normalizers, uses_bn = self.normalizers, self._uses_batch_moments()
             mean_mix, var_mix, are_logits = self.mixing_inputs()
         else:
-            # One logit, whose softmax is 1: a view of the layer's own logits, so nothing is launched.
+            # One logit per vector, whose softmax is 1 with gradient 0: views of the layer's own logits.
+            # They stay in the graph: sparse SN's logits remain parameters once frozen, and DDP without
+            # find_unused_parameters expects a gradient for every parameter.
             normalizers, uses_bn = (selected,), selected == 'bn'
-            mean_mix = self.mean_weight.detach().narrow(-1, self.normalizers.index(selected), 1)
-            var_mix, are_logits = None, True
+            index = self.normalizers.index(selected)
+            mean_mix = self.mean_weight.narrow(-1, index, 1)
+            var_mix = None if self.var_weight is None else self.var_weight.narrow(-1, index, 1)
+            are_logits = True
         use_batch_stats = uses_bn and (self.training or not self.track_running_stats)
         # A checkpoint recomputation must not count the batch twice (see ops/recompute.py).
         update_stats = use_batch_stats and self.track_running_stats and not is_recomputing()

@@ -16,9 +16,9 @@ _OPENMMLAB_INSTALL = ('bash tools/setup_env.sh in a norm_plugins checkout (it al
                      'pip install mmengine==0.10.7 mmcv==2.1.0 mmdet==3.3.0 mmsegmentation==1.2.2')
 # What the package binds only with mmengine installed (see the registration below).
 _OPENMMLAB_ONLY = frozenset([
-    'BCNUpdateRateHook', 'NormAwareOptimWrapperConstructor', 'PreciseStatsHook', 'SNHardRatiosHook',
-    'SNRatioLoggerHook', 'build_pool_norm_aspp_head', 'build_pool_norm_psp_head', 'register',
-    'register_scheme', 'hooks', 'models', 'optim', 'pretrained', 'registry'])
+    'BCNUpdateRateHook', 'MixtureClipAmpOptimWrapper', 'MixtureClipOptimWrapper', 'NormAwareOptimWrapperConstructor',
+    'PreciseStatsHook', 'SNHardRatiosHook', 'SNRatioLoggerHook', 'SSNRadiusHook', 'build_pool_norm_aspp_head',
+    'build_pool_norm_psp_head', 'register', 'register_scheme', 'hooks', 'models', 'optim', 'pretrained', 'registry'])
 _TORCH_ONLY_ALL = ['BatchChannelNorm', 'OpenMMLabMissingWarning', 'SparseSwitchableNorm', 'SwitchableNorm',
                    'SyncSparseSwitchableNorm', 'SyncSwitchableNorm', 'WSConv1d', 'WSConv2d', 'WSConv3d',
                    '__version__']
@@ -38,7 +38,7 @@ def __getattr__(name: str):
 
 
 try:
-    from mmengine.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
+    from mmengine.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS
 except ModuleNotFoundError as err:
     if err.name != 'mmengine':  # mmengine is there but cannot import: its own error says why
         raise
@@ -51,9 +51,9 @@ except ModuleNotFoundError as err:
         f'with {_OPENMMLAB_INSTALL}', OpenMMLabMissingWarning, stacklevel=2)
     __all__ = _TORCH_ONLY_ALL
 else:
-    from .hooks import BCNUpdateRateHook, PreciseStatsHook, SNHardRatiosHook, SNRatioLoggerHook
+    from .hooks import BCNUpdateRateHook, PreciseStatsHook, SNHardRatiosHook, SNRatioLoggerHook, SSNRadiusHook
     from .models import build_pool_norm_aspp_head, build_pool_norm_psp_head
-    from .optim import NormAwareOptimWrapperConstructor
+    from .optim import MixtureClipAmpOptimWrapper, MixtureClipOptimWrapper, NormAwareOptimWrapperConstructor
     from .pretrained import register_scheme
     from .registry import register
 
@@ -70,11 +70,15 @@ else:
     register(HOOKS, 'PreciseStatsHook', PreciseStatsHook)
     register(HOOKS, 'SNRatioLoggerHook', SNRatioLoggerHook)
     register(HOOKS, 'SNHardRatiosHook', SNHardRatiosHook)
+    register(HOOKS, 'SSNRadiusHook', SSNRadiusHook)
     register(MODELS, 'PoolNormASPPHead', build_pool_norm_aspp_head)
     register(MODELS, 'PoolNormPSPHead', build_pool_norm_psp_head)
     register(OPTIM_WRAPPER_CONSTRUCTORS, 'NormAwareOptimWrapperConstructor', NormAwareOptimWrapperConstructor)
+    register(OPTIM_WRAPPERS, 'MixtureClipOptimWrapper', MixtureClipOptimWrapper)
+    register(OPTIM_WRAPPERS, 'MixtureClipAmpOptimWrapper', MixtureClipAmpOptimWrapper)
     # init_cfg=dict(type='Pretrained', checkpoint='norm_plugins://NAME') loads manifest entries.
     register_scheme()
 
-    __all__ = sorted(_TORCH_ONLY_ALL + ['BCNUpdateRateHook', 'NormAwareOptimWrapperConstructor',
-                                        'PreciseStatsHook', 'SNHardRatiosHook', 'SNRatioLoggerHook'])
+    __all__ = sorted(_TORCH_ONLY_ALL + ['BCNUpdateRateHook', 'MixtureClipAmpOptimWrapper', 'MixtureClipOptimWrapper',
+                                        'NormAwareOptimWrapperConstructor', 'PreciseStatsHook', 'SNHardRatiosHook',
+                                        'SNRatioLoggerHook', 'SSNRadiusHook'])

@@ -12,8 +12,8 @@ from norm_plugins.ops.sparsestmax import one_hot_choice, sparsestmax, vertex_dis
 def brute_force_projection(z, r):
     """argmin ||p - z||^2 over simplex points with ||p - u|| >= min(r, r_K), by enumeration.
 
-    K = 2: 2 * 10^5 points of the segment and its two points at distance r from u. K = 3: the minimizer lies inside the feasible set, on the
-    circle ||p - u|| = r or on the simplex's edges, so the candidates are a grid of step 1/300,
+    K = 2: 2 * 10^5 points of the segment and its two points at distance r from u. K = 3: the
+    minimizer lies inside the feasible set, on the circle ||p - u|| = r or on the simplex's edges, so the candidates are a grid of step 1/300,
     10^5 points of the circle and of each edge, all kept where feasible; the best is then
     refined by grids 10 times finer over a window of 8 old steps around it, recentred until it stops
     moving. Returns the point, its objective, and the best objective among candidates 0.05 or more

@@ -133,6 +133,7 @@ class SparseSwitchableNorm(SwitchableNorm):
 
     def _set_frozen_cache(self, choices: List[int]) -> None:
         """Host copy of the frozen state: ``choices`` holds ``mean_fixed`` then ``var_fixed``."""
+        self._frozen_choices = tuple(choices)
         frozen = all(c >= 0 for c in choices)
         self._all_frozen = frozen
         self._single_selection = self.normalizers[choices[0]] if frozen and len(set(choices)) == 1 else None

@@ -57,6 +57,7 @@ def test_on_a_gpu_stage_1_runs_the_layer_tests_and_benchmark_with_the_tree_on_th
     first, second = check.build_stages(NODE, check.DEFAULT_LIMITS, tmp_path / 'wheels', tmp_path / 'venv')
     steps = _commands(first)
     assert list(steps) == ['layer tests', 'benchmark_norm'] and first.limit == 300 and not first.notes
+    assert not steps['layer tests'].note
     assert steps['layer tests'].argv[1:] == ['-m', 'pytest', '-q', '-rfEs', '-p', 'no:cacheprovider', '-m', 'cuda',
                                              'tests/test_cuda.py']
     assert steps['benchmark_norm'].argv[1:5] == ['tools/benchmark_norm.py', '--device', 'cuda', '--backend']
@@ -76,15 +77,20 @@ def test_on_a_gpu_stage_1_runs_the_layer_tests_and_benchmark_with_the_tree_on_th
 def test_without_a_gpu_the_kernels_run_in_the_interpreter_and_the_gap_is_said_in_one_line(tmp_path):
     first, second = check.build_stages(CPU, {1: 60, 2: 70}, None, tmp_path / 'venv')
     assert (first.limit, second.limit) == (60, 70)
-    tests = _commands(first)['kernel tests']
+    steps = _commands(first)
+    assert list(steps) == ['layer tests', 'kernel tests', 'benchmark_norm']
+    # The same command as on a GPU: it shows that tests/test_cuda.py imports with torch alone.
+    assert steps['layer tests'].argv[-3:] == ['-m', 'cuda', 'tests/test_cuda.py']
+    assert 'the module is collected (so it imports)' in steps['layer tests'].note
+    tests = steps['kernel tests']
     assert {'tests/test_triton_rowwise.py', 'tests/test_bcn_triton.py'} <= set(tests.argv)
     assert tests.env['TRITON_INTERPRET'] == '1' and 'tests/test_cuda.py' not in tests.argv
-    assert _commands(first)['benchmark_norm'].argv[2:4] == ['--device', 'cpu']
-    assert first.notes == ["tests/test_cuda.py and benchmark_norm --device cuda (no GPU is visible to torch here; "
-                           "the kernel tests run in Triton's interpreter instead)"]
+    assert steps['benchmark_norm'].argv[2:4] == ['--device', 'cpu']
+    assert first.notes == ['the GPU tests of tests/test_cuda.py and benchmark_norm --device cuda (no GPU is visible '
+                           "to torch here; the kernel tests run in Triton's interpreter instead)"]
     assert '--wheelhouse' not in _commands(second)['set-up'].argv and 'benchmark_e2e' not in _commands(second)
     assert second.notes == ['benchmark_e2e --device cuda (no GPU is visible to torch here)']
-    assert 'every test module is collected' in _commands(second)['toolbox tests'].note
+    assert 'every module is collected (so it imports)' in _commands(second)['toolbox tests'].note
 
 
 def _py(code):

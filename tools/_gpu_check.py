@@ -333,31 +333,35 @@ def build_stages(facts: dict, limits: Dict[int, float], wheelhouse: Optional[Pat
     pytest = ['-m', 'pytest', '-q', '-rfEs', '-p', 'no:cacheprovider']
     plain = {'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))}
     no_gpu = 'no GPU is visible to torch here'
+    collected = f'{no_gpu}: the module is collected (so it imports), its cuda tests are skipped'
+    layer_tests = Step('layer tests', [python, *pytest, '-m', 'cuda', 'tests/test_cuda.py'], plain, kind='pytest',
+                       note='' if gpu else collected)
     if gpu:
         first = Stage(1, 'layer-level GPU tests and benchmark_norm, nothing installed', limits[1], [
-            Step('layer tests', [python, *pytest, '-m', 'cuda', 'tests/test_cuda.py'], plain, kind='pytest'),
+            layer_tests,
             Step('benchmark_norm', [python, 'tools/benchmark_norm.py', '--device', 'cuda', '--backend', 'triton',
                                     'torch', '--repeats', '10'], plain, stdout='benchmark_norm.md', kind='table'),
         ])
     else:
         interpreted = {**plain, 'TRITON_INTERPRET': '1'}
-        first = Stage(1, 'kernels in Triton\'s interpreter and a tiny benchmark_norm, nothing installed', limits[1], [
+        first = Stage(1, 'layer tests collected, kernels in Triton\'s interpreter, a tiny benchmark_norm, '
+                         'nothing installed', limits[1], [
+            layer_tests,
             Step('kernel tests', [python, *pytest, *sorted(str(p.relative_to(ROOT))
                                                           for p in ROOT.glob('tests/test_*triton*.py'))],
                  interpreted, kind='pytest'),
             Step('benchmark_norm', [python, 'tools/benchmark_norm.py', '--device', 'cpu', '--shapes', '2x32x8x8',
                                     '--warmup', '0', '--repeats', '1', '--backend', 'triton', 'torch'],
                  interpreted, stdout='benchmark_norm.md', kind='table'),
-        ], notes=[f'tests/test_cuda.py and benchmark_norm --device cuda ({no_gpu}; the kernel tests run in Triton\'s '
-                  'interpreter instead)'])
+        ], notes=[f'the GPU tests of tests/test_cuda.py and benchmark_norm --device cuda ({no_gpu}; the kernel '
+                  'tests run in Triton\'s interpreter instead)'])
     venv_python = str(venv / 'bin' / 'python')
     setup = ['bash', 'tools/setup_env.sh', '--system-torch'] + (['--wheelhouse', str(wheelhouse)] if wheelhouse else [])
     second = Stage(2, 'set-up (mmcv CUDA build), the other GPU tests, benchmark_e2e', limits[2], [
         Step('set-up', setup, {'PYTHON': python, 'NORM_PLUGINS_VENV': str(venv)}, required=True,
              keep=r'^\[setup\] (installed:|built |reusing|ready:|mmcv\.ops)'),
         Step('toolbox tests', [venv_python, *pytest, '-m', 'cuda', '--ignore=tests/test_cuda.py', 'tests'],
-             kind='pytest', note='' if gpu else f'{no_gpu}: every test module is collected (so it imports), '
-                                                 'the cuda tests are skipped'),
+             kind='pytest', note='' if gpu else collected.replace('the module is', 'every module is')),
     ])
     if gpu:
         second.steps.append(Step('benchmark_e2e', [venv_python, 'tools/benchmark_e2e.py', '--device', 'cuda',

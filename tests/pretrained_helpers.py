@@ -6,6 +6,9 @@ and conv of one release:
 
 - SN (Switchable-Normalization): ``sn1/sn2/sn3``, weight/bias (1, C, 1, 1), running stats (1, C, 1),
   unbiased instance variance, [IN, LN, BN] logits (no BN without ``using_bn``).
+- SSN (Sparse_SwitchNorm, ``SSN2d``): SN's layout and statistics with SparsestMax ratios, and
+  ``mean_fixed``/``var_fixed`` (1,) flags: 1 = frozen, the one-hot ratios then stored in
+  ``mean_weight``/``var_weight``; ``radius`` (1,).
 - GN+WS (WeightStandardization): GroupNorm(32) under ``bn1/bn2/bn3``; WS = (W - mean) / (unbiased std + eps).
 - BCN+WS (Batch-Channel-Normalization): ``bnK`` = BatchNorm2d ``pbn`` then a 32-group normalization
   with a (1, G, 1) per-group affine; WS given by the caller.
@@ -31,6 +34,9 @@ class AuthorsSN(nn.Module):
             self.register_buffer('running_mean', torch.zeros(1, channels, 1))
             self.register_buffer('running_var', torch.zeros(1, channels, 1))
 
+    def mixture(self):
+        return F.softmax(self.mean_weight, 0), F.softmax(self.var_weight, 0)
+
     def forward(self, x):
         n, c, h, w = x.shape
         flat = x.view(n, c, -1)
@@ -48,12 +54,83 @@ class AuthorsSN(nn.Module):
                 mean_bn, var_bn = self.running_mean, self.running_var
             means.append(mean_bn)
             variances.append(var_bn)
-        mean_ratio = F.softmax(self.mean_weight, 0)
-        var_ratio = F.softmax(self.var_weight, 0)
+        mean_ratio, var_ratio = self.mixture()
         mean = sum(r * m for r, m in zip(mean_ratio, means))
         var = sum(r * v for r, v in zip(var_ratio, variances))
         out = ((flat - mean) / (var + self.eps).sqrt()).view(n, c, h, w)
         return out * self.weight + self.bias
+
+
+def _sparsemax(z):
+    """Euclidean projection of a vector onto the simplex (sort-based)."""
+    ordered, _ = torch.sort(z, descending=True)
+    cumulative = torch.cumsum(ordered, 0) - 1
+    ranks = torch.arange(1, len(z) + 1, dtype=z.dtype)
+    support = int((ordered - cumulative / ranks > 0).sum())
+    return torch.clamp(z - cumulative[support - 1] / support, min=0)
+
+
+def sparsestmax_reference(z, radius):
+    """SparsestMax in the two regimes the SSN conversion test uses: the sparsemax point when it lies at
+    least ``radius`` from the simplex centre u, else the point at distance ``radius`` from u in the
+    same direction, for radii small enough that it stays inside the simplex (asserted)."""
+    w = _sparsemax(z.double())
+    centre = torch.full_like(w, 1 / len(w))
+    distance = float((w - centre).norm())
+    if distance >= radius:
+        return w
+    point = centre + radius * (w - centre) / distance
+    assert float(point.min()) >= 0, 'outside the regime this reference implements'
+    return point
+
+
+class AuthorsSSN(AuthorsSN):
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.register_buffer('mean_fixed', torch.zeros(1, dtype=torch.long))
+        self.register_buffer('var_fixed', torch.zeros(1, dtype=torch.long))
+        self.register_buffer('radius', torch.zeros(1))
+
+    def ratios(self, which):
+        weight = getattr(self, f'{which}_weight')
+        if int(getattr(self, f'{which}_fixed')):
+            return weight.double()  # the frozen one-hot ratios themselves
+        return sparsestmax_reference(weight, float(self.radius))
+
+    def mixture(self):
+        return self.ratios('mean').to(self.weight.dtype), self.ratios('var').to(self.weight.dtype)
+
+
+def authors_ssn_resnet(depth=50):
+    return AuthorsResNet(depth, AuthorsSSN, 'sn')
+
+
+@torch.no_grad()
+def ssn_states_(model, radius=0.3, seed=0):
+    """Trained-looking SSN states after :func:`randomize_`: layers in turn frozen (both vectors), with
+    only the mean frozen, free with a sparsemax point at least ``radius`` from the centre, and free
+    nearer the centre (pushed out to the sphere); one radius everywhere, as the authors set it.
+    Every other fully frozen layer selects one normalizer for both vectors, IN, LN and BN in turn;
+    the other frozen vectors select at random."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = [m for m in model.modules() if isinstance(m, AuthorsSSN)]
+    for index, layer in enumerate(layers):
+        layer.radius.fill_(radius)
+        for which, frozen in (('mean', index % 4 in (0, 1)), ('var', index % 4 == 0)):
+            weight, flag = getattr(layer, f'{which}_weight'), getattr(layer, f'{which}_fixed')
+            flag.fill_(int(frozen))
+            if frozen:
+                choice = (index // 8) % 3 if index % 8 == 0 else int(torch.randint(3, (1,), generator=gen))
+                weight.zero_()[choice] = 1.0
+            elif index % 4 == 3:
+                weight.copy_(torch.randn(3, generator=gen) * 0.05)
+            else:
+                while True:
+                    weight.copy_(torch.randn(3, generator=gen) * 2)
+                    w = _sparsemax(weight.double())
+                    if float((w - 1 / 3).norm()) >= radius:
+                        break
+    return model
 
 
 class AuthorsBCN(nn.Module):

@@ -16,10 +16,10 @@ from ..runner.config_setup import check_checkpoint, check_dataset, load_config
 from ..runner.cpu_distributed import init_cpu_process_group
 from ..runner.errors import ToolError
 from .model_io import build_model, read_checkpoint
-from .plots import plot_divergence, plot_layer_ratios, plot_ratio_dynamics
+from .plots import plot_divergence, plot_freezing, plot_layer_ratios, plot_ratio_dynamics
 from .precise_stats import FORWARD_MODES, recompute_batch_stats
 from .ratio_logs import read_ratio_series
-from .ratios import collect_ratios, compare_ratios, mean_divergence, ratio_table
+from .ratios import collect_ratios, compare_ratios, frozen_summary, mean_divergence, ratio_table
 
 
 def precise_stats_parser() -> argparse.ArgumentParser:
@@ -82,8 +82,11 @@ def precise_stats_main(argv: Optional[List[str]] = None) -> str:
 
 def sn_ratios_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description='Per-layer SN importance ratios of a checkpoint: a table (mean and '
-                                            'variance ratios, hard choice, D(mean||var)) and stacked IN/LN/BN bar '
-                                            'figures grouped by backbone stage, neck and heads (PNG and SVG).')
+                                            'variance ratios, hard choice, D(mean||var); SSN: radius and the '
+                                            'iteration each vector froze) and stacked IN/LN/BN bar figures grouped '
+                                            'by backbone stage, neck and heads (PNG and SVG), plus for SSN a figure '
+                                            'of when each layer froze and to which normalizer. Group-SN layers '
+                                            'give one row per channel group.')
     p.add_argument('checkpoint', help='checkpoint with SN layers')
     p.add_argument('--config', help='its config: layers then say which normalizers they use (needed for subsets '
                                     'other than IN/LN/BN and IN/LN)')
@@ -113,6 +116,13 @@ def sn_ratios_main(argv: Optional[List[str]] = None) -> List[str]:
         f.write(table + '\n')
     written = [table_path] + plot_layer_ratios(layers, osp.join(args.out_dir, f'{name}_ratios'),
                                                title=f'SN ratios of {name} ({len(layers)} layers)')
+    frozen = frozen_summary(layers)
+    if frozen:
+        print(frozen)
+        with open(table_path, 'a') as f:
+            f.write(frozen + '\n')
+        written += plot_freezing(layers, osp.join(args.out_dir, f'{name}_frozen'),
+                                 title=f'SSN ratio vectors of {name}: iteration frozen')
     if args.compare:
         other = _collect(args.compare, args.config, args.cfg_options)
         other_name = osp.splitext(osp.basename(args.compare))[0]

@@ -1,6 +1,7 @@
 """Figures of SN ratios in the papers' style: per-layer stacked IN/LN/BN bars (SN paper Fig. 8),
 per-layer divergence between two models (Fig. 5) and ratios over training iterations (Fig. 3).
-Group-SN layers have one bar per channel group, labelled ``name[g]``.
+Group-SN layers have one bar per channel group, labelled ``name[g]``. For SSN, the iteration at
+which each ratio vector froze, coloured by the normalizer it selected.
 
 Every function writes ``<prefix>.png`` and ``<prefix>.svg`` and returns both paths.
 """
@@ -81,6 +82,41 @@ def plot_layer_ratios(layers: Sequence[LayerRatios], prefix: str, title: str = '
     axes[0].legend(loc='lower right', bbox_to_anchor=(1.0, 1.02), ncol=3, fontsize=8)
     if title:
         fig.suptitle(title)
+    return _save(fig, prefix)
+
+
+def plot_freezing(layers: Sequence[LayerRatios], prefix: str, title: str = '') -> List[str]:
+    """SSN layers: the training iteration at which each mean (circles) and variance (triangles) ratio
+    vector froze, coloured by the normalizer it froze to; vectors still free are drawn hollow at the
+    top, vectors frozen at an unrecorded iteration (converted checkpoints) at the bottom."""
+    sparse = [layer for layer in layers if layer.is_sparse]
+    if not sparse:
+        raise ValueError('no SSN layers to plot')
+    known = [at for layer in sparse for at in layer.frozen_at if at is not None and at >= 0]
+    top = max(known, default=0) * 1.1 or 1.0
+    rows = {'free': top * 1.08, 'unknown': -top * 0.08}
+    fig, ax = plt.subplots(figsize=(_width(len(sparse)), 4))
+    for index, (which, marker, shift) in enumerate((('mean', 'o', -0.15), ('var', '^', 0.15))):
+        for x, layer in enumerate(sparse):
+            at = layer.frozen_at[index]
+            color = COLORS[layer.choice(which)]
+            if at is None:
+                ax.scatter(x + shift, rows['free'], marker=marker, facecolors='none', edgecolors='grey', s=18)
+            else:
+                ax.scatter(x + shift, rows['unknown'] if at < 0 else at, marker=marker, color=color, s=18)
+    handles = [plt.Line2D([], [], marker='o', linestyle='', color='black', label='mean'),
+               plt.Line2D([], [], marker='^', linestyle='', color='black', label='variance')]
+    handles += [plt.Line2D([], [], marker='s', linestyle='', color=COLORS[k], label=k.upper()) for k in NORMALIZERS]
+    ax.legend(handles=handles, loc='lower right', bbox_to_anchor=(1.0, 1.0), ncol=5, fontsize=8)
+    ax.axhline(rows['free'] - top * 0.04, color='grey', linewidth=0.5)
+    ax.axhline(rows['unknown'] + top * 0.04, color='grey', linewidth=0.5)
+    ax.set_ylim(rows['unknown'] - top * 0.06, rows['free'] + top * 0.12)
+    ax.set_ylabel('iteration frozen (top: free; bottom: unrecorded)')
+    _mark_groups(ax, sparse, rows['free'] + top * 0.05, top * 0.04)
+    _layer_axis(ax, sparse)
+    radii = sorted({layer.radius for layer in sparse})
+    radius = f'radius {radii[0]:.4f}' if len(radii) == 1 else f'radius {radii[0]:.4f}-{radii[-1]:.4f}'
+    ax.set_title(f'{title} ({radius})' if title else radius, pad=22, loc='left')
     return _save(fig, prefix)
 
 

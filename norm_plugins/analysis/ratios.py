@@ -7,6 +7,9 @@ of one layer in two differently trained models (Fig. 5).
 
 A group-SN layer (``ratio_groups=G``) has one pair of ratio vectors per channel group; it appears
 as G rows, ``name[0]`` ... ``name[G-1]``, each compared and averaged like a layer of its own.
+
+Sparse SN (SSN) layers are SN layers whose ratios are SparsestMax's; their rows also carry the
+SparsestMax radius and, per ratio vector, whether and at which training iteration it froze.
 """
 import math
 import re
@@ -16,8 +19,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..layers.sparse_switchable_norm import SparseSwitchableNorm
 from ..layers.switchable_norm import NORMALIZERS, SwitchableNorm
 
+#: ``LayerRatios.frozen_at`` of a vector frozen at an iteration nobody recorded (SSN's ``*_fixed_at`` -1).
+UNKNOWN_ITERATION = -1
 # KL terms divide by ratios that are exactly 0 for hard ratios and dropped normalizers; the floor
 # keeps D finite (a one-hot pair disagreeing scores about 2 * 27.6).
 _RATIO_FLOOR = 1e-12
@@ -34,6 +40,11 @@ class LayerRatios:
     var: Tensor
     #: The channel group of a group-SN layer (None: the layer has one ratio vector pair).
     ratio_group: Optional[int] = None
+    #: SSN only: the SparsestMax radius.
+    radius: Optional[float] = None
+    #: SSN only: when the (mean, variance) vector froze: None while free, the training iteration, or
+    #: :data:`UNKNOWN_ITERATION` for a vector frozen at an unrecorded iteration (converted checkpoints).
+    frozen_at: Optional[Tuple[Optional[int], Optional[int]]] = None
 
     @property
     def label(self) -> str:
@@ -47,6 +58,11 @@ class LayerRatios:
     def divergence(self) -> float:
         """``D(r || r')`` between this layer's mean and variance ratios."""
         return symmetric_kl(self.mean, self.var)
+
+    @property
+    def is_sparse(self) -> bool:
+        """Whether the row is an SSN layer's."""
+        return self.frozen_at is not None
 
 
 def symmetric_kl(p: Tensor, q: Tensor) -> float:
@@ -85,15 +101,30 @@ def _stage(parts: Sequence[str]) -> str:
     return match.group(1) if match else 'stem'
 
 
+def _frozen_at(layer: SparseSwitchableNorm) -> List[Tuple[Optional[int], Optional[int]]]:
+    """Per channel group, (mean, variance) freezing iteration: None free, else the recorded iteration
+    or UNKNOWN_ITERATION (tied layers: the one vector twice)."""
+    def per_group(vector):
+        fixed = getattr(layer, f'{vector}_fixed').tolist()
+        at = getattr(layer, f'{vector}_fixed_at').tolist()
+        return [None if f < 0 else (UNKNOWN_ITERATION if a < 0 else a) for f, a in zip(fixed, at)]
+    mean = per_group('mean')
+    return list(zip(mean, mean if layer.tied else per_group('var')))
+
+
 def _layer_ratios(name: str, layer: SwitchableNorm) -> List[LayerRatios]:
     """One row per ratio vector pair: one for SN, one per channel group for group SN."""
     with torch.no_grad():
         mean, var = (r.float().cpu() for r in layer.mixture_ratios())
     name = _strip(name)
+    groups = mean.reshape(-1, len(NORMALIZERS)).shape[0]
+    sparse = isinstance(layer, SparseSwitchableNorm)
+    radius = float(layer.radius) if sparse else None
+    frozen = _frozen_at(layer) if sparse else [None] * groups
     if mean.dim() == 1:
-        return [LayerRatios(name, group_of(name), layer.normalizers, mean, var)]
-    return [LayerRatios(name, group_of(name), layer.normalizers, m, v, g)
-            for g, (m, v) in enumerate(zip(mean, var))]
+        return [LayerRatios(name, group_of(name), layer.normalizers, mean, var, None, radius, frozen[0])]
+    return [LayerRatios(name, group_of(name), layer.normalizers, m, v, g, radius, f)
+            for g, (m, v, f) in enumerate(zip(mean, var, frozen))]
 
 
 def ratios_from_model(model: nn.Module) -> List[LayerRatios]:
@@ -112,7 +143,8 @@ def ratios_from_state_dict(state_dict: Mapping[str, Tensor]) -> List[LayerRatios
     Without the model the normalizers are inferred from the number of logits per ratio vector (the
     last dimension; group SN stores (G, K)): 3 is (IN, LN, BN), 2 is (IN, LN) as in the authors'
     ``using_bn=False`` models. Other subsets need the config. Each layer's ratios are those of an
-    SN holding its logits (tied when it has no ``var_weight``).
+    SN holding its logits (tied when it has no ``var_weight``); a layer with a ``radius`` is an SSN,
+    whose ratios come from its logits, radius and frozen choices.
     """
     layers = []
     for key, mean_logits in state_dict.items():
@@ -129,12 +161,15 @@ def ratios_from_state_dict(state_dict: Mapping[str, Tensor]) -> List[LayerRatios
                              'are unknown. Pass the training config (--config) so the layers say which '
                              'normalizers they use.')
         var_logits = state_dict.get(prefix + 'var_weight')
-        layer = SwitchableNorm(groups, normalizers=normalizers, tied=var_logits is None, affine=False,
-                               track_running_stats=False, ratio_groups=groups).double()
-        with torch.no_grad():
-            layer.mean_weight.copy_(mean_logits)
-            if var_logits is not None:
-                layer.var_weight.copy_(var_logits)
+        cls = SparseSwitchableNorm if prefix + 'radius' in state_dict else SwitchableNorm
+        layer = cls(groups, normalizers=normalizers, tied=var_logits is None, affine=False,
+                    track_running_stats=False, ratio_groups=groups).double()
+        missing = [prefix + key for key in layer.state_dict() if prefix + key not in state_dict]
+        if missing:
+            raise ValueError(f'{prefix}radius marks an SSN layer, but its state lacks {missing}; the checkpoint is '
+                             'not one of norm_plugins\' SSN (convert the authors\' files with '
+                             'tools/convert_pretrained.py)')
+        layer.load_state_dict({key: state_dict[prefix + key] for key in layer.state_dict()})
         layers.extend(_layer_ratios(prefix.rstrip('.'), layer))
     return layers
 
@@ -159,6 +194,11 @@ def ratio_table(layers: Sequence[LayerRatios]) -> str:
     rows = [(layer.label, layer.group, _fmt(layer.mean), _fmt(layer.var),
              f"{layer.choice('mean').upper()}/{layer.choice('var').upper()}", f'{layer.divergence():.4f}')
             for layer in layers]
+    if any(layer.is_sparse for layer in layers):
+        # SSN: its radius and when each vector froze (iteration; '?' unrecorded, '-' still free).
+        header += ('radius', 'frozen at mean/var')
+        rows = [row + ((f'{layer.radius:.4f}', '/'.join(_iteration(at) for at in layer.frozen_at))
+                       if layer.is_sparse else ('', '')) for row, layer in zip(rows, layers)]
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
     lines = ['  '.join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header] + rows]
     lines.insert(1, '  '.join('-' * w for w in widths))
@@ -167,6 +207,26 @@ def ratio_table(layers: Sequence[LayerRatios]) -> str:
 
 def _fmt(ratios: Tensor) -> str:
     return '/'.join(f'{float(r):.3f}' for r in ratios)
+
+
+def _iteration(at: Optional[int]) -> str:
+    return '-' if at is None else ('?' if at == UNKNOWN_ITERATION else str(at))
+
+
+def frozen_summary(layers: Sequence[LayerRatios]) -> str:
+    """How many SSN ratio vectors froze and to which normalizer, e.g. ``mean: 40/53 frozen (IN 3,
+    LN 10, BN 27), var: ...``; empty without SSN rows."""
+    sparse = [layer for layer in layers if layer.is_sparse]
+    if not sparse:
+        return ''
+    parts = []
+    for index, which in enumerate(('mean', 'var')):
+        frozen = [layer.choice(which) for layer in sparse if layer.frozen_at[index] is not None]
+        counts = ', '.join(f'{k.upper()} {frozen.count(k)}' for k in NORMALIZERS if k in frozen)
+        parts.append(f'{which}: {len(frozen)}/{len(sparse)} frozen' + (f' ({counts})' if counts else ''))
+    radii = sorted({layer.radius for layer in sparse})
+    radius = f'radius {radii[0]:.4f}' if len(radii) == 1 else f'radius {radii[0]:.4f} to {radii[-1]:.4f}'
+    return f'SSN ratio vectors ({radius}): ' + '; '.join(parts)
 
 
 def compare_ratios(first: Sequence[LayerRatios],

@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--out', help='where to save the deployed model (a pickled nn.Module; load it with '
                                  'torch.load(path, weights_only=False))')
     p.add_argument('--harden', action='store_true',
-                   help='fix SN ratios to their argmax first (changes outputs unless finetuned with hard ratios)')
+                   help='fix SN ratios to their argmax first, and freeze the free vectors of SSN (changes outputs unless '
+                        'finetuned with hard ratios, or all SSN vectors froze in training)')
     p.add_argument('--input-size', type=int, nargs=2, default=(512, 512), metavar=('H', 'W'),
                    help='synthetic input size for the check, the timing and the ONNX export')
     p.add_argument('--tolerance', type=float, default=1e-5, help='largest allowed eval output difference (float64)')

@@ -1,8 +1,9 @@
 """Turning a trained model into an inference-only equivalent (eval outputs unchanged).
 
 - WSConv -> plain convolution holding the standardized weight (:meth:`WSConv2d.fold`).
-- SN/SyncSN with one-hot ratios (:meth:`SwitchableNorm.harden`) -> the normalizer it selects:
-  BN for mean and variance is a per-channel affine ``w / sqrt(running_var + eps) * (x - running_mean) + b``,
+- SN/SyncSN with one-hot ratios (:meth:`SwitchableNorm.harden`), and SSN/SyncSSN whose ratio
+  vectors froze (one-hot by training, or :meth:`SparseSwitchableNorm.harden`) -> the normalizer it
+  selects: BN for mean and variance is a per-channel affine ``w / sqrt(running_var + eps) * (x - running_mean) + b``,
   folded into the convolution before it where the structure shows one (mmcv ``ConvModule``,
   mmdet/mmseg ResNet blocks' ``conv{i}``/``norm{i}``, consecutive ``nn.Sequential`` children), else a
   :class:`ChannelAffine`; IN -> ``nn.GroupNorm(C, C)``; LN -> ``nn.GroupNorm(1, C)``. A mean from one
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.batch_channel_norm import BatchChannelNorm
+from ..layers.sparse_switchable_norm import SparseSwitchableNorm
 from ..layers.switchable_norm import NORMALIZERS, SwitchableNorm
 from ..layers.weight_standardization import _WSConvMixin
 from .modules import ChannelAffine, eval_affine
@@ -94,27 +96,29 @@ def _group_norm(groups: int, channels: int, eps: float, weight: Optional[Tensor]
 
 
 def _convert_sn(layer: SwitchableNorm, fold) -> Tuple[Optional[nn.Module], str]:
-    """The replacement of an SN layer and what it became (None: kept)."""
+    """The replacement of an SN or SSN layer and what it became (None: kept)."""
+    kind = 'SSN' if isinstance(layer, SparseSwitchableNorm) else 'SN'
     choices = _one_hot_choices(layer)
     if choices is None:
-        return None, 'SN kept (soft ratios; harden first)'
+        return None, f'{kind} kept (soft ratios; harden first)'
     if any(len(selected) > 1 for selected in choices):
-        return None, 'SN kept (hard, channel groups select different normalizers: no standard layer)'
+        return None, f'{kind} kept (hard, channel groups select different normalizers: no standard layer)'
     choice = (next(iter(choices[0])), next(iter(choices[1])))
     if 'bn' in choice and not layer.track_running_stats:
-        return None, 'SN kept (BN part uses batch statistics in eval)'
+        return None, f'{kind} kept (BN part uses batch statistics in eval)'
     like = layer.mean_weight
     if choice == ('bn', 'bn'):
         scale, shift = eval_affine(layer.running_mean, layer.running_var, layer.eps, layer.weight, layer.bias)
         if fold(scale, shift):
-            return nn.Identity(), 'SN(BN) folded into conv'
-        return ChannelAffine(scale.to(like.dtype), shift.to(like.dtype)), 'SN(BN) -> ChannelAffine'
+            return nn.Identity(), f'{kind}(BN) folded into conv'
+        return ChannelAffine(scale.to(like.dtype), shift.to(like.dtype)), f'{kind}(BN) -> ChannelAffine'
     if choice[0] == choice[1] and not layer.unbiased_instance_var:
         groups = layer.num_features if choice[0] == 'in' else 1
         name = 'GroupNorm(C) (IN)' if choice[0] == 'in' else 'GroupNorm(1) (LN)'
-        return _group_norm(groups, layer.num_features, layer.eps, layer.weight, layer.bias, like), f'SN -> {name}'
+        return (_group_norm(groups, layer.num_features, layer.eps, layer.weight, layer.bias, like),
+                f'{kind} -> {name}')
     what = 'unbiased IN' if choice == ('in', 'in') else f'mean {choice[0].upper()}, var {choice[1].upper()}'
-    return None, f'SN kept (hard, {what}: no standard layer)'
+    return None, f'{kind} kept (hard, {what}: no standard layer)'
 
 
 def _convert_bcn(layer: BatchChannelNorm, fold) -> Tuple[Optional[nn.Module], str]:
@@ -143,8 +147,9 @@ def deploy_model(model: nn.Module, harden: bool = False) -> Counter:
     """Convert ``model`` in place (and put it in eval mode); returns what each layer became.
 
     Args:
-        harden: first fix every SN's ratios to their argmax (:meth:`SwitchableNorm.harden`). That
-            changes the outputs unless the model was finetuned with hard ratios.
+        harden: first fix every SN's ratios to their argmax (:meth:`SwitchableNorm.harden`; SSN:
+            freeze its free vectors). That changes the outputs unless the model was finetuned with
+            hard ratios (or its SSN vectors had all frozen).
     """
     model.eval()
     report: Counter = Counter()

@@ -39,6 +39,9 @@ _FINDING = ('The SN papers (Luo et al.) found that the learned importance ratios
 _NUMERIC_SETTINGS = {
     'SN': (SwitchableNorm, ('eps', 'unbiased_instance_var')),
     'SyncSN': (SwitchableNorm, ('eps', 'unbiased_instance_var')),  # SyncSN passes them on to SN
+    # SSN takes SN's options (**kwargs passed on), so SN's signature holds their defaults.
+    'SSN': (SwitchableNorm, ('eps', 'unbiased_instance_var')),
+    'SyncSSN': (SwitchableNorm, ('eps', 'unbiased_instance_var')),
     'BCN': (BatchChannelNorm, ('eps',)),
     'GN': (nn.GroupNorm, ('eps',)),
     'WSConv': (WSConv2d, ('eps', 'formula')),

@@ -1,6 +1,7 @@
 """A built wheel carries the pretrained manifests: installed into a fresh folder, with neither the
 source tree nor the editable install importable, it resolves every ``norm_plugins://`` name, and a
-user's manifest folder ($NORM_PLUGINS_HOME/manifests) is still read."""
+user's manifest folder ($NORM_PLUGINS_HOME/manifests) is still read; SyncSSN and SSNRadiusHook
+register from the installed package."""
 import json
 import shutil
 import subprocess
@@ -26,8 +27,16 @@ from norm_plugins.pretrained import get_entry, load_manifests
 from norm_plugins.pretrained.manifest import manifest_dirs
 names = sorted(load_manifests())
 resolved = [get_entry('norm_plugins://' + name).name for name in names]
+# The layers and hooks added since the manifests (SSN) come with the wheel and register.
+from mmcv.cnn import build_norm_layer
+from mmengine.registry import HOOKS
+ssn = build_norm_layer(dict(type='SyncSSN', ratio_groups=2), 4)[1]
+ssn.set_radius(0.9)
+ssn(__import__('torch').randn(2, 4, 3, 3))
+layers = dict(ssn=sys.modules[type(ssn).__module__].__file__, frozen=ssn.mean_fixed.tolist(),
+              hook=sys.modules[HOOKS.get('SSNRadiusHook').__module__].__file__)
 print(json.dumps(dict(package=norm_plugins.__file__, names=names, resolved=resolved,
-                      dirs=[str(d) for d in manifest_dirs()])))
+                      dirs=[str(d) for d in manifest_dirs()], layers=layers)))
 """
 
 
@@ -79,6 +88,8 @@ def test_installed_wheel_resolves_every_manifest_name(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert Path(found['package']).is_relative_to(target)
+    assert Path(found['layers']['ssn']).is_relative_to(target) and Path(found['layers']['hook']).is_relative_to(target)
+    assert found['layers']['frozen'] == [0, 0]  # past the vertex: both groups one-hot (IN, the equal logits' first)
     assert found['dirs'][0] == str(target / 'norm_plugins' / 'pretrained' / 'manifests')
     expected = sorted(_shipped_names() + [user_name])
     assert len(_shipped_names()) >= 9

@@ -43,16 +43,14 @@ Training details, as BatchNorm where it has them:
 """
 import math
 import warnings
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..ops.batch_channel_norm_fn import BatchChannelNormFunction
-from ..ops.distributed import all_reduce_sum_, sync_group
-from ..ops.moments import batch_sums, moments_from_sums, update_running_stats
+from ..ops.batch_channel_norm_fn import BatchChannelNormFunction, BCNSpec
+from ..ops.distributed import sync_group
 from ..ops.recompute import is_recomputing
-from ..ops.rowwise import as_rows, row_moments
 from .validation import check_group_size, check_norm_args, check_norm_input
 
 
@@ -80,6 +78,8 @@ class BatchChannelNorm(nn.Module):
             ``True`` for ``estimate=True`` and ``False`` otherwise. A no-op when not distributed.
         group_size: synchronize within groups of ``group_size`` consecutive ranks; ``None`` means
             the whole world.
+        device, dtype: where and in which dtype parameters and buffers are created, as for
+            ``nn.BatchNorm2d`` (``num_batches_tracked`` stays an int64).
 
     State-dict entries: ``weight``, ``bias`` (C), ``group_weight``, ``group_bias`` (G); large batch
     ``running_mean``, ``running_var``, ``num_batches_tracked``; micro batch ``estimated_mean``,
@@ -91,7 +91,7 @@ class BatchChannelNorm(nn.Module):
     def __init__(self, num_features: int, num_groups: int = 32, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
                  estimate: bool = False, update_rate: float = 0.02, sync: Optional[bool] = None,
-                 group_size: Optional[int] = None):
+                 group_size: Optional[int] = None, device=None, dtype=None):
         super().__init__()
         name = type(self).__name__
         check_norm_args(name, num_features, eps, momentum)
@@ -122,22 +122,23 @@ class BatchChannelNorm(nn.Module):
         # Training forwards under no_grad since the last checkpoint recomputation (micro batch).
         self._no_grad_forwards = 0
 
+        factory = dict(device=device, dtype=dtype)
         if affine:
-            self.weight = nn.Parameter(torch.empty(num_features))
-            self.bias = nn.Parameter(torch.empty(num_features))
-            self.group_weight = nn.Parameter(torch.empty(num_groups))
-            self.group_bias = nn.Parameter(torch.empty(num_groups))
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            self.group_weight = nn.Parameter(torch.empty(num_groups, **factory))
+            self.group_bias = nn.Parameter(torch.empty(num_groups, **factory))
         else:
             for param in ('weight', 'bias', 'group_weight', 'group_bias'):
                 self.register_parameter(param, None)
         if estimate:
-            self.register_buffer('estimated_mean', torch.zeros(num_features))
-            self.register_buffer('estimated_var', torch.ones(num_features))
-            self.register_buffer('update_rate', torch.tensor(float(update_rate)))
+            self.register_buffer('estimated_mean', torch.zeros(num_features, **factory))
+            self.register_buffer('estimated_var', torch.ones(num_features, **factory))
+            self.register_buffer('update_rate', torch.tensor(float(update_rate), **factory))
         if self.track_running_stats:
-            self.register_buffer('running_mean', torch.zeros(num_features))
-            self.register_buffer('running_var', torch.ones(num_features))
-            self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long))
+            self.register_buffer('running_mean', torch.zeros(num_features, **factory))
+            self.register_buffer('running_var', torch.ones(num_features, **factory))
+            self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long, device=device))
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -223,25 +224,19 @@ class BatchChannelNorm(nn.Module):
         update = self.training and not is_recomputing()
         if self.estimate and self.training:
             self._check_recomputation(update)
-        with torch.autocast(x.device.type, enabled=False):
-            with torch.no_grad():
-                # Statistics in float32 for half inputs (upcast inside the row pass, x is not copied).
-                m, v = row_moments(as_rows(x))
-                count = None
-                if batch_stats:
-                    sums = all_reduce_sum_(batch_sums(m, v, rows), group)
-                    mean, var = moments_from_sums(sums, sums.dtype)
-                    count = x.shape[0] * rows if group is None else sums[-1]
-                    if update and self.track_running_stats:
-                        self._update_running_stats(mean, var, count)
-                else:
-                    if self.estimate and update:
-                        self._update_estimates(m, v, rows, group)
-                    mean, var = (self.estimated_mean, self.estimated_var) if self.estimate else \
-                        (self.running_mean, self.running_var)
-            return BatchChannelNormFunction.apply(x, m, v, mean, var, count, self.weight, self.bias,
-                                                  self.group_weight, self.group_bias, self.num_groups,
-                                                  self.eps, group)
+        if batch_stats:
+            mode = 'batch'
+        elif self.estimate and update:
+            self._warn_if_rate_zero()
+            mode = 'estimate'
+        else:
+            mode = 'constant'
+        running = [getattr(self, name, None) for name in ('running_mean', 'running_var', 'num_batches_tracked')]
+        # The constants of 'constant' mode, or the estimates 'estimate' mode updates.
+        mean, var = (self.estimated_mean, self.estimated_var) if self.estimate else running[:2]
+        spec = BCNSpec(self.num_groups, self.eps, mode, update and self.track_running_stats, self.momentum, group)
+        return BatchChannelNormFunction.apply(x, self.weight, self.bias, self.group_weight, self.group_bias, mean,
+                                              var, getattr(self, 'update_rate', None), *running, spec)
 
     def _check_recomputation(self, update: bool) -> None:
         """Micro-batch BCN under a reentrant checkpoint: its recomputed forward normalizes with the
@@ -259,44 +254,12 @@ class BatchChannelNorm(nn.Module):
                 'tell which estimates the original forward used. Use a separate layer for each use '
                 'within a step, or use_reentrant=False (torch.utils.checkpoint), which keeps them.')
 
-    @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var: Tensor, count: Union[int, Tensor]) -> None:
-        """Move the running statistics toward the batch's, on the device (no host synchronization).
-
-        ``count``, the elements per channel, is a host int without synchronization (> 1 by the shape
-        check in forward, or 0: nothing changes), else the all-reduced tensor: a global batch with
-        at most one element per channel leaves the statistics and ``num_batches_tracked`` untouched.
-        """
-        if isinstance(count, int):
-            if count == 0:
-                return
-            valid, correction = None, count / (count - 1)
-        else:
-            valid = count > 1
-            correction = (count / (count - 1).clamp(min=1)).to(var.dtype)
-        # The variance is stored unbiased, as BatchNorm stores it.
-        update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked, mean,
-                             var * correction, self.momentum, valid)
-
-    @torch.no_grad()
-    def _update_estimates(self, m: Tensor, v: Tensor, spatial: int, group) -> None:
-        """Steps 1-4 of Algorithm 1 from the per-(n, c) moments, averaged over the synchronized ranks;
-        a batch empty on every rank leaves the estimates unchanged (masked on the device)."""
+    def _warn_if_rate_zero(self) -> None:
         if self._warn_zero_rate:
             self._warn_zero_rate = False
             warnings.warn(f'{type(self).__name__}(estimate=True) is training with update_rate 0: its '
                           'estimated mean and variance never move. Set update_rate, or add '
                           "custom_hooks=[dict(type='BCNUpdateRateHook')] to follow the learning rate.")
-        if group is None and m.shape[0] == 0:
-            return
-        channels = m.shape[1]
-        sums = all_reduce_sum_(batch_sums(m, v, spatial, centre=self.estimated_mean), group)
-        total = sums[-1].clamp(min=1)
-        mean = sums[:channels] / total
-        sq_distance = sums[channels:2 * channels] / total  # from the previous estimated mean
-        for buffer, batch in ((self.estimated_mean, mean), (self.estimated_var, sq_distance)):
-            updated = torch.lerp(buffer, batch.to(buffer.dtype), self.update_rate.to(buffer.dtype))
-            buffer.copy_(updated if group is None else torch.where(sums[-1] > 0, updated, buffer))
 
     def extra_repr(self) -> str:
         text = (f'{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, '

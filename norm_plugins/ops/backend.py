@@ -13,11 +13,15 @@ warning.
 import functools
 import os
 import warnings
+from typing import Callable, List
 
 from torch import Tensor
 
 BACKENDS = ('auto', 'triton', 'torch')
 ENV_VAR = 'NORM_PLUGINS_BACKEND'
+# Context-manager factories entered around every Triton launch, called with the kernel and its grid
+# (:mod:`norm_plugins.ops.launch_count` counts launches with one).
+LAUNCH_LISTENERS: List[Callable] = []
 
 
 def requested_backend() -> str:

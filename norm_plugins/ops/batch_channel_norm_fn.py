@@ -37,97 +37,218 @@ Only x (in its own dtype) is saved as a tensor for backward; the (N, C) coeffici
 context, so a non-reentrant checkpoint recomputes x but keeps the original forward's constants.
 Double backward is not implemented and raises (:func:`.first_order.first_order_only`).
 """
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
+from .backend import use_triton
 from .distributed import all_reduce_sum_
 from .first_order import first_order_only
-from .rowwise import as_rows, row_grad_sums, row_normalize, row_normalize_backward, shaped_like
+from .moments import batch_sums, moments_from_sums, update_running_stats
+from .rowwise import as_rows, row_grad_sums, row_moments, row_normalize, row_normalize_backward, shaped_like
 
 # The (N, C) coefficient math runs in float64: it costs nothing next to the passes over x, and keeps
 # ``m - mean_c`` exact where |mean| / std is large (the batch mean itself comes from float64 sums).
 COEFFICIENT_DTYPE = torch.float64
+# How the per-channel statistics are obtained: this batch's (large batch, training), the given
+# constants (running statistics, or the estimates without updating them), or Algorithm 1's update
+# of the estimates followed by normalization with them (micro batch, training).
+MODES = ('batch', 'constant', 'estimate')
+
+
+class BCNSpec(NamedTuple):
+    """Host-side configuration of one BCN call: ``groups``, ``eps``; ``mode`` (one of
+    :data:`MODES`); ``update``: in 'batch' mode, move the running statistics (PyTorch ``momentum``,
+    ``None`` for a cumulative average); ``group``: the process group the batch sums are reduced
+    over (``None``: this process)."""
+    groups: int
+    eps: float
+    mode: str
+    update: bool = False
+    momentum: Optional[float] = 0.1
+    group: object = None
 
 
 class BatchChannelNormFunction(torch.autograd.Function):
     """``y = (x - m) A + B`` and its hand-derived backward; see the module docstring.
 
-    Args of ``apply``: ``x`` (N, C, *spatial), its row moments ``m``, ``v`` (N, C) and the per-channel
-    statistics ``mean``, ``var`` (C), all in the accumulation dtype; ``count``: ``None`` for
-    constant statistics, else the number of elements per channel they were computed from (a host
-    number, or a device tensor when summed over ``group``'s ranks); the four affine parameters (or
-    ``None``), ``groups``, ``eps`` and the process group (or ``None``) of the batch statistics.
+    Args of ``apply``: ``x`` (N, C, *spatial); the four affine parameters (or ``None``); ``mean``,
+    ``var``: the constants of 'constant' mode, the estimates (updated in place) of 'estimate' mode;
+    ``rate``: Algorithm 1's update rate (a 0-dim tensor); the running statistics and
+    ``num_batches_tracked`` ('batch' mode with ``spec.update``); ``spec``.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, m: Tensor, v: Tensor, mean: Tensor, var: Tensor,
-                count: Optional[Union[int, Tensor]], weight: Optional[Tensor], bias: Optional[Tensor],
-                group_weight: Optional[Tensor], group_bias: Optional[Tensor], groups: int, eps: float,
-                group) -> Tensor:
-        n, c = m.shape
-        per_group = c // groups
-        acc = COEFFICIENT_DTYPE
-        v = v.to(acc)
-        rstd_c = (var.to(acc) + eps).rsqrt()
-        a = rstd_c if weight is None else rstd_c * weight.to(acc)
-        d = m.to(acc) - mean.to(acc)
-        h = a * d if bias is None else torch.addcmul(bias.to(acc), a, d)
-        h3, hv3 = h.view(n, groups, per_group), (a * a * v).view(n, groups, per_group)
-        hc3 = h3 - h3.mean(-1, keepdim=True)
-        rstd_g = (hv3.mean(-1) + hc3.square().mean(-1) + eps).rsqrt()
-        s = rstd_g if group_weight is None else rstd_g * group_weight.to(acc)
-        scale = s.unsqueeze(-1) * a.view(groups, per_group)
-        shift = s.unsqueeze(-1) * hc3
-        if group_bias is not None:
-            shift = shift + group_bias.to(acc).view(groups, 1)
-        y = row_normalize(as_rows(x), m, scale.view(n, c).to(m.dtype), shift.view(n, c).to(m.dtype))
-
-        ctx.save_for_backward(x)
-        ctx.constants = (m, v, rstd_c, a, d, hc3.view(n, c), s, rstd_g, count, groups, group)
-        ctx.param_dtypes = [p.dtype if p is not None else None
-                            for p in (weight, bias, group_weight, group_bias)]
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], group_weight: Optional[Tensor],
+                group_bias: Optional[Tensor], mean: Optional[Tensor], var: Optional[Tensor], rate: Optional[Tensor],
+                running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                num_batches_tracked: Optional[Tensor], spec: BCNSpec) -> Tensor:
+        ctx.param_dtypes = [p.dtype if p is not None else None for p in (weight, bias, group_weight, group_bias)]
+        ctx.spec = spec
+        with torch.autocast(x.device.type, enabled=False):
+            rows = as_rows(x)
+            # Statistics in float32 for half inputs (upcast inside the row pass, x is not copied).
+            m, v = row_moments(rows)
+            spatial = rows.shape[2]
+            if use_triton(rows):
+                from . import triton_norms
+                sums = None
+                if spec.mode != 'constant':
+                    estimate = spec.mode == 'estimate'
+                    sums = triton_norms.batch_sums(m, v, mean if estimate else None, var if estimate else None,
+                                                   spatial, False)
+                    all_reduce_sum_(sums[:2 * m.shape[1] + 1], spec.group)
+                constants = (None, None) if spec.mode == 'batch' else (mean, var)
+                running = (running_mean, running_var, num_batches_tracked) if spec.update else (None,) * 3
+                scale, shift, stats = triton_norms.bcn_forward(
+                    m, v, sums, *constants, rate, weight, bias, group_weight, group_bias, *running, spec.groups,
+                    spec.eps, spec.momentum, MODES.index(spec.mode) + 1, spec.update)
+                ctx.constants = (m, v, stats, sums if spec.mode == 'batch' else None)
+            else:
+                count = None
+                if spec.mode == 'batch':
+                    sums = all_reduce_sum_(batch_sums(m, v, spatial), spec.group)
+                    mean, var = moments_from_sums(sums, sums.dtype)
+                    count = m.shape[0] * spatial if spec.group is None else sums[-1]
+                    if spec.update:
+                        _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
+                                              spec.momentum)
+                elif spec.mode == 'estimate':
+                    _update_estimates(mean, var, rate, m, v, spatial, spec.group)
+                scale, shift, ctx.constants = _coefficients(m, v, mean, var, count, weight, bias, group_weight,
+                                                            group_bias, spec)
+            y = row_normalize(rows, m, scale, shift)
+        ctx.save_for_backward(x, weight, bias, group_weight)
         return shaped_like(y, x)
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad: Tensor):
-        x, = ctx.saved_tensors
-        m, v, rstd_c, a, d, hc, s, rstd_g, count, groups, group = ctx.constants
-        n, c = m.shape
-        x3, g3 = as_rows(x), as_rows(grad)
-        spatial = x3.shape[2]
-        s1, s2 = (t.to(COEFFICIENT_DTYPE) for t in row_grad_sums(g3, x3, m))
-
-        per_group = c // groups
-        group_count = spatial * per_group
-        t = (a * s2 + hc * s1).view(n, groups, per_group).sum(-1)
-        p1 = -t * s * rstd_g.square() / group_count
-        q1 = -s * s1.view(n, groups, per_group).sum(-1) / group_count
-        s_c, p1_c, q1_c = (z.repeat_interleave(per_group, dim=1) for z in (s, p1, q1))
-        e1 = s_c * s1 + spatial * (q1_c + p1_c * hc)
-        e2 = s_c * s2 + spatial * p1_c * a * v
-        d_bias = e1.sum(0)
-        d_xhat = rstd_c * (e2 + d * e1).sum(0)  # dL/d weight, = F2 before the sum over ranks
-
-        dx = None
-        if ctx.needs_input_grad[0]:
-            p = a * a * p1_c
-            q = a * (q1_c + p1_c * hc)
-            if count is not None:
-                f = torch.stack([d_bias, d_xhat])
-                all_reduce_sum_(f, group)
-                per_count = count.clamp(min=1).to(f.dtype) if isinstance(count, Tensor) else max(count, 1)
-                f1, f2 = a * f[0] / per_count, a * rstd_c * f[1] / per_count
-                p = p - f2
-                q = q - f1 - d * f2
-            dx = row_normalize_backward(g3, x3, m, *(t.to(m.dtype) for t in (s_c * a, p, q)))
+        x, weight, bias, group_weight = ctx.saved_tensors
+        spec = ctx.spec
+        with torch.autocast(x.device.type, enabled=False):
+            x3, g3 = as_rows(x), as_rows(grad)
+            if use_triton(x3):
+                dx, grads = _triton_backward(ctx, x3, g3, weight, bias, group_weight, spec)
+            else:
+                dx, grads = _torch_backward(ctx, x3, g3, spec)
+        if dx is not None:
             dx = shaped_like(dx, x)
+        grads = [g.to(dtype) if wanted and g is not None else None for g, dtype, wanted in
+                 zip(grads, ctx.param_dtypes, ctx.needs_input_grad[1:5])]
+        return (dx, *grads, None, None, None, None, None, None, None)
 
-        d_group_weight = (t * rstd_g).sum(0)
-        d_group_bias = s1.view(n, groups, per_group).sum((0, 2))
-        grads = [grad.to(dtype) if wanted else None for grad, dtype, wanted in
-                 zip((d_xhat, d_bias, d_group_weight, d_group_bias), ctx.param_dtypes, ctx.needs_input_grad[6:10])]
-        return (dx, None, None, None, None, None, *grads, None, None, None)
 
+def _coefficients(m, v, mean, var, count, weight, bias, group_weight, group_bias, spec):
+    """Forward coefficients ``A``, ``B`` (in m's dtype) and the constants backward needs (torch path)."""
+    n, c = m.shape
+    groups = spec.groups
+    per_group = c // groups
+    acc = COEFFICIENT_DTYPE
+    v = v.to(acc)
+    rstd_c = (var.to(acc) + spec.eps).rsqrt()
+    a = rstd_c if weight is None else rstd_c * weight.to(acc)
+    d = m.to(acc) - mean.to(acc)
+    h = a * d if bias is None else torch.addcmul(bias.to(acc), a, d)
+    h3, hv3 = h.view(n, groups, per_group), (a * a * v).view(n, groups, per_group)
+    hc3 = h3 - h3.mean(-1, keepdim=True)
+    rstd_g = (hv3.mean(-1) + hc3.square().mean(-1) + spec.eps).rsqrt()
+    s = rstd_g if group_weight is None else rstd_g * group_weight.to(acc)
+    scale = s.unsqueeze(-1) * a.view(groups, per_group)
+    shift = s.unsqueeze(-1) * hc3
+    if group_bias is not None:
+        shift = shift + group_bias.to(acc).view(groups, 1)
+    constants = (m, v, rstd_c, a, d, hc3.view(n, c), s, rstd_g, count)
+    return scale.view(n, c).to(m.dtype), shift.view(n, c).to(m.dtype), constants
+
+
+def _torch_backward(ctx, x3, g3, spec):
+    m, v, rstd_c, a, d, hc, s, rstd_g, count = ctx.constants
+    n, c = m.shape
+    groups = spec.groups
+    spatial = x3.shape[2]
+    s1, s2 = (t.to(COEFFICIENT_DTYPE) for t in row_grad_sums(g3, x3, m))
+
+    per_group = c // groups
+    group_count = spatial * per_group
+    t = (a * s2 + hc * s1).view(n, groups, per_group).sum(-1)
+    p1 = -t * s * rstd_g.square() / group_count
+    q1 = -s * s1.view(n, groups, per_group).sum(-1) / group_count
+    s_c, p1_c, q1_c = (z.repeat_interleave(per_group, dim=1) for z in (s, p1, q1))
+    e1 = s_c * s1 + spatial * (q1_c + p1_c * hc)
+    e2 = s_c * s2 + spatial * p1_c * a * v
+    d_bias = e1.sum(0)
+    d_xhat = rstd_c * (e2 + d * e1).sum(0)  # dL/d weight, = F2 before the sum over ranks
+
+    dx = None
+    if ctx.needs_input_grad[0]:
+        p = a * a * p1_c
+        q = a * (q1_c + p1_c * hc)
+        if count is not None:
+            f = torch.stack([d_bias, d_xhat])
+            all_reduce_sum_(f, spec.group)
+            per_count = count.clamp(min=1).to(f.dtype) if isinstance(count, Tensor) else max(count, 1)
+            f1, f2 = a * f[0] / per_count, a * rstd_c * f[1] / per_count
+            p = p - f2
+            q = q - f1 - d * f2
+        dx = row_normalize_backward(g3, x3, m, *(t.to(m.dtype) for t in (s_c * a, p, q)))
+    d_group_weight = (t * rstd_g).sum(0)
+    d_group_bias = s1.view(n, groups, per_group).sum((0, 2))
+    return dx, (d_xhat, d_bias, d_group_weight, d_group_bias)
+
+
+def _triton_backward(ctx, x3, g3, weight, bias, group_weight, spec):
+    from . import triton_norms
+    m, v, stats, sums = ctx.constants
+    s1, s2 = row_grad_sums(g3, x3, m)
+    e1, e2, grp, a, p, q = triton_norms.bcn_sample_grads(s1, s2, m, v, stats, weight, bias, group_weight,
+                                                         spec.groups, spec.eps, x3.shape[2])
+    batch = sums is not None
+    sync = batch and spec.group is not None
+    d_weight, d_bias, d_group_weight, d_group_bias, f = triton_norms.bcn_channel_grads(
+        e1, e2, grp, m, stats, weight, sums, p, q, spec.groups, spec.eps, batch, sync)
+    dx = None
+    if ctx.needs_input_grad[0]:
+        if sync:
+            all_reduce_sum_(f, spec.group)
+            triton_norms.bcn_batch_terms(f, m, stats, weight, sums, p, q, spec.eps)
+        dx = row_normalize_backward(g3, x3, m, a, p, q)
+    return dx, (d_weight, d_bias, d_group_weight, d_group_bias)
+
+
+@torch.no_grad()
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor, mean: Tensor,
+                          var: Tensor, count: Union[int, Tensor], momentum: Optional[float]) -> None:
+    """Move the running statistics toward the batch's, on the device (no host synchronization).
+
+    ``count``, the elements per channel, is a host int without synchronization (> 1 by the layer's
+    shape check, or 0: nothing changes), else the all-reduced tensor: a global batch with at most
+    one element per channel leaves the statistics and ``num_batches_tracked`` untouched.
+    """
+    if isinstance(count, int):
+        if count == 0:
+            return
+        valid, correction = None, count / (count - 1)
+    else:
+        valid = count > 1
+        correction = (count / (count - 1).clamp(min=1)).to(var.dtype)
+    # The variance is stored unbiased, as BatchNorm stores it.
+    update_running_stats(running_mean, running_var, num_batches_tracked, mean, var * correction, momentum, valid)
+
+
+@torch.no_grad()
+def _update_estimates(estimated_mean: Tensor, estimated_var: Tensor, rate: Tensor, m: Tensor, v: Tensor,
+                      spatial: int, group) -> None:
+    """Steps 1-4 of Algorithm 1 from the per-(n, c) moments, averaged over the synchronized ranks;
+    a batch empty on every rank leaves the estimates unchanged (masked on the device)."""
+    if group is None and m.shape[0] == 0:
+        return
+    channels = m.shape[1]
+    sums = all_reduce_sum_(batch_sums(m, v, spatial, centre=estimated_mean), group)
+    total = sums[-1].clamp(min=1)
+    mean = sums[:channels] / total
+    sq_distance = sums[channels:2 * channels] / total  # from the previous estimated mean
+    for buffer, batch in ((estimated_mean, mean), (estimated_var, sq_distance)):
+        updated = torch.lerp(buffer, batch.to(buffer.dtype), rate.to(buffer.dtype))
+        buffer.copy_(updated if group is None else torch.where(sums[-1] > 0, updated, buffer))

@@ -38,6 +38,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .backend import use_triton
 from .distributed import all_reduce_sum_
 from .first_order import first_order_only
 from .moments import batch_sums, moments_from_sums, update_running_stats
@@ -80,6 +81,11 @@ class SwitchableNormFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean_mix: Tensor,
                 var_mix: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 num_batches_tracked: Optional[Tensor], spec: SNSpec) -> Tensor:
+        ctx.meta = (spec, mean_mix.shape, None if var_mix is None else var_mix.shape)
+        with torch.autocast(x.device.type, enabled=False):
+            if use_triton(x):
+                return _triton_forward(ctx, x, weight, bias, mean_mix, var_mix, running_mean, running_var,
+                                       num_batches_tracked, spec)
         acc = accumulation_dtype(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
             _, c, spatial = x.shape
@@ -119,14 +125,18 @@ class SwitchableNormFunction(torch.autograd.Function):
 
         ln, bn = stats.get('ln', (None, None)), stats.get('bn', (None, None))
         ctx.save_for_backward(x, weight, rm, rv, mu_in, var_in, *ln, *bn, mean, rstd, count)
-        ctx.meta = (k, spec, mean_mix.shape, None if var_mix is None else var_mix.shape)
+        ctx.k = k
         return y
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad: Tensor):
+        with torch.autocast(grad.device.type, enabled=False):
+            if use_triton(grad):
+                return _triton_backward(ctx, grad)
         x, weight, rm, rv, mu_in, var_in, mu_ln, var_ln, mu_bn, var_bn, mean, rstd, count = ctx.saved_tensors
-        k, spec, mean_shape, var_shape = ctx.meta
+        spec, mean_shape, var_shape = ctx.meta
+        k = ctx.k
         stats = {'in': (mu_in, var_in), 'ln': (mu_ln, var_ln), 'bn': (mu_bn, var_bn)}
         c = x.shape[1]
         with torch.autocast(x.device.type, enabled=False):
@@ -153,6 +163,61 @@ class SwitchableNormFunction(torch.autograd.Function):
             else:
                 d_mean_mix, d_var_mix = mix_grad(rm, d_rm, spec, mean_shape), mix_grad(rv, d_rv, spec, var_shape)
         return dx, d_weight, d_bias, d_mean_mix, d_var_mix, None, None, None, None
+
+
+def _triton_forward(ctx, x, weight, bias, mean_mix, var_mix, running_mean, running_var, num_batches_tracked,
+                    spec: SNSpec) -> Tensor:
+    """The forward on the kernels: the moments pass, the batch sums (and their all-reduce), one
+    coefficient kernel that also moves the running statistics, the output pass."""
+    from . import triton_norms
+    spatial = x.shape[2]
+    mu_in, var_in = row_moments(x)
+    bn_mode = 1 if spec.use_batch_stats else (2 if running_mean is not None else 0)
+    sums = None
+    if bn_mode == 1:
+        sums = all_reduce_sum_(triton_norms.batch_sums(mu_in, var_in, None, None, spatial, spec.unbiased), spec.group)
+    mean_mix = mean_mix.contiguous()
+    var_mix = mean_mix if var_mix is None else var_mix.contiguous()
+    mean, rstd, scale, shift, ln, bn = triton_norms.sn_forward(
+        mu_in, var_in, mean_mix, var_mix, weight, bias, sums, running_mean, running_var, num_batches_tracked,
+        ','.join(spec.normalizers), spec.logits, bn_mode, spec.update_stats, spec.momentum, spec.eps, spec.unbiased,
+        spatial)
+    ctx.save_for_backward(x, weight, mean_mix, var_mix, mu_in, var_in, ln, bn, running_mean, running_var, mean,
+                          rstd, sums)
+    ctx.bn_mode = bn_mode
+    return row_normalize(x, mean, scale, shift)
+
+
+def _triton_backward(ctx, grad: Tensor):
+    """The backward on the kernels: the gradient-sums pass, the per-channel kernel (parameter and BN
+    gradients, ratio shares), the BN gradients' all-reduce, the per-sample kernel (dx's coefficients),
+    the ratio-gradient kernel and the input-gradient pass."""
+    from . import triton_norms
+    x, weight, mean_mix, var_mix, mu_in, var_in, ln, bn, running_mean, running_var, mean, rstd, sums = \
+        ctx.saved_tensors
+    spec, _, var_shape = ctx.meta
+    normalizers, spatial, bn_mode = ','.join(spec.normalizers), x.shape[2], ctx.bn_mode
+    sum_g, sum_gc = row_grad_sums(grad, x, mean)
+    d_weight, d_bias, dbn, part = triton_norms.sn_channel_grads(
+        sum_g, sum_gc, mu_in, var_in, ln, bn, running_mean, running_var, rstd, weight, mean_mix, var_mix,
+        normalizers, spec.logits, bn_mode, spec.unbiased, spatial)
+    dx = None
+    if ctx.needs_input_grad[0]:
+        if bn_mode == 1:
+            all_reduce_sum_(dbn, spec.group)
+        a, p, q = triton_norms.sn_sample_grads(sum_g, sum_gc, mu_in, ln, bn, dbn, sums, mean, rstd, weight,
+                                               mean_mix, var_mix, normalizers, spec.logits, bn_mode == 1,
+                                               spec.unbiased, spatial)
+        dx = row_normalize_backward(grad, x, mean, a, p, q)
+    d_mean_mix = d_var_mix = None
+    if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+        d_mean_mix, d_var_mix = triton_norms.sn_ratio_grads(part, mean_mix, var_mix, normalizers, spec.logits,
+                                                            var_shape is None)
+        if var_shape is None:
+            d_var_mix = None
+    if weight is None:
+        d_weight = d_bias = None
+    return dx, d_weight, d_bias, d_mean_mix, d_var_mix, None, None, None, None
 
 
 def used_ratios(mix: Tensor, spec: SNSpec, dtype: torch.dtype) -> Tensor:

@@ -18,6 +18,7 @@ The public functions are torch custom ops (``torch.ops.norm_plugins.*``, opaque 
 directly: a custom op call costs about 15 us of host time, a noticeable share of a layer's budget on
 a GPU.
 """
+import contextlib
 import functools
 from typing import NamedTuple, Optional, Tuple
 
@@ -26,6 +27,7 @@ import triton
 from torch import Tensor
 
 from . import triton_kernels as kernels
+from .backend import LAUNCH_LISTENERS
 from .rowwise import accumulation_dtype
 
 # A tile of 2048 elements: 16 per thread at 4 warps (8 KB of float32 per load).
@@ -37,6 +39,24 @@ PROGRAMS_PER_SM = 4
 # Without a CUDA device (the interpreter), plan as for an H100 so the tests run the GPU's plans.
 DEFAULT_SM_COUNT = 132
 MAX_SPLIT = 512
+
+
+def launch(kernel, grid, device: torch.device, *args, num_warps: int = NUM_WARPS, **constexprs) -> None:
+    """Launch ``kernel`` over ``grid`` on ``device``: Triton launches on the current CUDA device and
+    stream, so a tensor on another device gets a guard that makes its device current. FP fusion is
+    pinned on (Triton 3.10 turns its default off): the kernels rely on fused multiply-adds rounding
+    ``(x - M) * A + B`` once."""
+    with contextlib.ExitStack() as listening:
+        for listener in LAUNCH_LISTENERS:
+            listening.enter_context(listener(kernel, grid))
+        with _device_guard(device):
+            kernel[grid](*args, num_warps=num_warps, enable_fp_fusion=True, **constexprs)
+
+
+def _device_guard(device: torch.device):
+    if device.type == 'cuda' and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 class Plan(NamedTuple):
@@ -106,15 +126,14 @@ def _reduce(kernel, inputs, strides, x: Tensor, out_dtype: torch.dtype, plan: Pl
     out2 = x.new_empty((n, c), dtype=out_dtype)
     final = plan.split == 1
     part = out1 if final else x.new_empty((2, n * c, plan.split), dtype=out_dtype)
-    kernel[_grid(n, c, plan)](*inputs, out1, out2, part, n * c, c, length, plan.chunk, *strides,
-                              BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, FINAL=final,
-                              num_warps=NUM_WARPS)
+    launch(kernel, _grid(n, c, plan), x.device, *inputs, out1, out2, part, n * c, c, length, plan.chunk,
+           *strides, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, FINAL=final)
     if not final:
         block_s = triton.next_power_of_2(plan.split)
         block_r = min(triton.next_power_of_2(n * c), max(1, TILE // block_s))
-        kernels.combine_kernel[(triton.cdiv(n * c, block_r),)](
-            part, x, out1, out2, n * c, c, length, plan.chunk, plan.split, x.stride(0), x.stride(1),
-            BLOCK_R=block_r, BLOCK_S=block_s, MOMENTS=moments, num_warps=NUM_WARPS)
+        launch(kernels.combine_kernel, (triton.cdiv(n * c, block_r),), x.device,
+               part, x, out1, out2, n * c, c, length, plan.chunk, plan.split, x.stride(0), x.stride(1),
+               BLOCK_R=block_r, BLOCK_S=block_s, MOMENTS=moments)
     return out1, out2
 
 
@@ -154,9 +173,9 @@ def row_normalize_impl(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor,
         return y
     plan = plan or plan_for(x)
     coefficients, strides = _coefficients(n, c, centre, scale, shift)
-    kernels.normalize_kernel[_grid(n, c, plan)](
-        x, y, *coefficients, c, length, plan.chunk, *x.stride(), *y.stride(), *strides,
-        BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, num_warps=NUM_WARPS)
+    launch(kernels.normalize_kernel, _grid(n, c, plan), x.device,
+           x, y, *coefficients, c, length, plan.chunk, *x.stride(), *y.stride(), *strides,
+           BLOCK_C=plan.block_c, BLOCK_L=plan.block_l)
     return y
 
 
@@ -169,10 +188,10 @@ def row_normalize_backward_impl(grad: Tensor, x: Tensor, centre: Tensor, a: Tens
         return dx
     plan = plan or plan_for(x)
     coefficients, strides = _coefficients(n, c, centre, a, p, q)
-    kernels.normalize_backward_kernel[_grid(n, c, plan)](
-        grad, x, dx, *coefficients, c, length, plan.chunk,
-        *grad.stride(), *x.stride(), *dx.stride(), *strides,
-        BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, num_warps=NUM_WARPS)
+    launch(kernels.normalize_backward_kernel, _grid(n, c, plan), x.device,
+           grad, x, dx, *coefficients, c, length, plan.chunk,
+           *grad.stride(), *x.stride(), *dx.stride(), *strides,
+           BLOCK_C=plan.block_c, BLOCK_L=plan.block_l)
     return dx
 
 

@@ -4,6 +4,7 @@
     python tools/benchmark_norm.py --device cuda         # GPU: true peak memory from the allocator
     python tools/benchmark_norm.py --layers SN GN --shapes 2x64x400x672 --dtypes float32
     python tools/benchmark_norm.py --device cuda --backend triton torch   # kernels vs torch path
+    TRITON_INTERPRET=1 python tools/benchmark_norm.py --count        # kernel launches, no timing
 
 ``--backend`` sets ``NORM_PLUGINS_BACKEND`` for each measurement of a norm_plugins layer, so the
 Triton kernels and the torch path appear side by side (``triton`` on the CPU runs Triton's
@@ -18,20 +19,33 @@ Memory, as a multiple of the input's size:
 - cpu: PyTorch has no CPU allocator statistics, so the figure is what the layer keeps alive for
   backward (saved tensors), the part that grows with network depth.
 Parameters stay float32 for half-precision inputs, as under AMP.
+
+``--count`` times nothing: it counts the kernel launches of one training forward and one backward
+per layer and backend at ``--shapes`` (default 2x256x13x21, an FPN level of a small image) with a
+dispatch mode (:mod:`norm_plugins.ops.launch_count`): ATen ops that launch kernels plus Triton
+launches (``triton``: through the interpreter on the CPU), and host-device synchronizations. The
+torch path is counted as CUDA tensors take it (the CPU-only BatchNorm-kernel route of
+:mod:`norm_plugins.ops.rowwise` is off). Parameter gradients start empty, as in a training step.
 """
 import argparse
+import contextlib
 import os
 import statistics
 import time
 from typing import Callable, Dict
+from unittest import mock
 
 import torch
 from torch import nn
 
 from norm_plugins.layers import BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv2d
+from norm_plugins.ops import rowwise
 from norm_plugins.ops.backend import BACKENDS, ENV_VAR
+from norm_plugins.ops.launch_count import count_launches
 
 DEFAULT_SHAPES = ('2x256x200x336', '2x64x400x672', '16x256x56x56')
+COUNT_SHAPE = '2x256x13x21'
+COUNT_LAYERS = ('BN', 'GN', 'SN', 'SyncSN', 'BCN', 'BCN-micro')
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
@@ -151,19 +165,59 @@ def uses_backend(layer: nn.Module) -> bool:
     return type(layer).__module__.startswith('norm_plugins.')
 
 
-def measure(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, backend: str, warmup: int,
-            repeats: int):
-    """(ms, memory) of ``layer`` with ``NORM_PLUGINS_BACKEND=backend`` ('-': left as it is)."""
+@contextlib.contextmanager
+def backend_env(backend: str):
+    """``NORM_PLUGINS_BACKEND=backend`` inside ('-': left as it is)."""
     saved = os.environ.get(ENV_VAR)
     if backend != '-':
         os.environ[ENV_VAR] = backend
     try:
-        return time_fwd_bwd(layer, x, grad, warmup, repeats), extra_memory(layer, x, grad)
+        yield
     finally:
         if saved is None:
             os.environ.pop(ENV_VAR, None)
         else:
             os.environ[ENV_VAR] = saved
+
+
+def measure(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, backend: str, warmup: int,
+            repeats: int):
+    """(ms, memory) of ``layer`` with ``NORM_PLUGINS_BACKEND=backend`` ('-': left as it is)."""
+    with backend_env(backend):
+        return time_fwd_bwd(layer, x, grad, warmup, repeats), extra_memory(layer, x, grad)
+
+
+def count(layer_names, shape, backends):
+    """Launches and host syncs of one training forward and backward, per layer and backend."""
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).requires_grad_()
+    grad = torch.randn(shape, generator=gen)
+    for name in layer_names:
+        layer = LAYERS[name](shape[1]).train()
+        for backend in backends if uses_backend(layer) else ['-']:
+            # The torch path as on CUDA: rowwise's CPU-only BatchNorm-kernel route is off.
+            cuda_like = mock.patch.object(rowwise, '_channel_blocks', lambda rows: None)
+            with backend_env(backend), cuda_like:
+                layer(x).backward(grad)  # first calls (lazily built state) are not counted
+                x.grad = None
+                layer.zero_grad(set_to_none=True)
+                outputs = []
+                forward = count_launches(lambda: outputs.append(layer(x)))
+                backward = count_launches(lambda: outputs[0].backward(grad))
+            rows.append(dict(layer=name, backend=backend, forward=forward, backward=backward))
+    return rows
+
+
+def count_markdown(rows) -> str:
+    lines = ['| layer | backend | forward (ATen + Triton) | backward (ATen + Triton) | total | host syncs |',
+             '| --- | --- | --- | --- | --- | --- |']
+    for r in rows:
+        f, b = r['forward'], r['backward']
+        cells = [f'{sum(t.aten.values())} + {sum(t.triton.values())} = {t.total}' for t in (f, b)]
+        lines.append(f"| {r['layer']} | {r['backend']} | {cells[0]} | {cells[1]} | {f.total + b.total} | "
+                     f'{f.syncs + b.syncs} |')
+    return '\n'.join(lines)
 
 
 def benchmark(layer_names, shapes, dtypes, device: torch.device, warmup: int, repeats: int,
@@ -212,16 +266,26 @@ def markdown(rows) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--device', default='cpu', help='cpu or cuda[:index]')
-    parser.add_argument('--layers', nargs='+', default=list(LAYERS), choices=list(LAYERS))
+    parser.add_argument('--layers', nargs='+', choices=list(LAYERS),
+                        help='default: all; with --count, the norm layers')
     parser.add_argument('--shapes', nargs='+', type=parse_shape,
-                        default=[parse_shape(s) for s in DEFAULT_SHAPES])
+                        help=f"default: {' '.join(DEFAULT_SHAPES)}; with --count, {COUNT_SHAPE}")
     parser.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'], choices=list(DTYPES))
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (default: torch\'s)')
-    parser.add_argument('--backend', nargs='+', default=['auto'], choices=BACKENDS,
-                        help=f'{ENV_VAR} values to measure norm_plugins layers under, side by side')
+    parser.add_argument('--backend', nargs='+', default=None, choices=BACKENDS,
+                        help=f'{ENV_VAR} values to measure norm_plugins layers under, side by side '
+                             '(default auto; with --count triton and torch)')
+    parser.add_argument('--count', action='store_true',
+                        help='count kernel launches and host syncs instead of timing (see the docstring)')
     args = parser.parse_args(argv)
+    if args.backend is None:
+        args.backend = ['triton', 'torch'] if args.count else ['auto']
+    if args.layers is None:
+        args.layers = list(COUNT_LAYERS if args.count else LAYERS)
+    if args.shapes is None:
+        args.shapes = [parse_shape(s) for s in ((COUNT_SHAPE,) if args.count else DEFAULT_SHAPES)]
 
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
@@ -233,6 +297,15 @@ def main(argv=None):
                      'TRITON_INTERPRET=1 in the environment (slow: for checks, not timings)')
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.count:
+        if device.type != 'cpu':
+            parser.error('--count counts launches on the CPU (a dispatch mode); drop --device')
+        shape = args.shapes[0]
+        print(f'# torch {torch.__version__}, launches of one training forward and backward at '
+              f"{'x'.join(map(str, shape))}")
+        rows = count(args.layers, shape, args.backend)
+        print(count_markdown(rows))
+        return rows
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
         f'CPU, {torch.get_num_threads()} threads'
     print(f'# torch {torch.__version__}, {where}')

@@ -31,7 +31,7 @@ from mmengine.utils.dl_utils.parrots_wrapper import _BatchNorm, _InstanceNorm
 from torch import nn
 
 import norm_plugins  # noqa: F401
-from norm_plugins import BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv2d
+from norm_plugins import BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm, SyncSwitchableNorm, WSConv2d
 from norm_plugins.pretrained.config_checks import (PretrainingBatchMismatchWarning, check_pretrained_config,
                                                    pretrained_references)
 from norm_plugins.pretrained.errors import PretrainedFileMissingError
@@ -55,8 +55,13 @@ SAME_MODEL_AS = {
 }
 BUILT = [r for r in RECIPES if r not in SAME_MODEL_AS]
 
-NORM_CLASSES = {'sn': SwitchableNorm, 'syncsn': SyncSwitchableNorm, 'bcn-ws': BatchChannelNorm,
-                'gn-ws': nn.GroupNorm, 'gn': nn.GroupNorm}
+NORM_CLASSES = {'sn': SwitchableNorm, 'syncsn': SyncSwitchableNorm, 'sn-g2': SwitchableNorm,
+                'ssn': SparseSwitchableNorm, 'bcn-ws': BatchChannelNorm, 'gn-ws': nn.GroupNorm, 'gn': nn.GroupNorm}
+# Norms built from SN's layer: they train their batch statistics and validate with batch averages.
+SN_FAMILY = ('sn', 'syncsn', 'sn-g2', 'ssn')
+# The SSN code's training of the ratio logits (Sparse_SwitchNorm train_imagenet.py).
+SSN_PARAMWISE = dict(norm_decay_mult=0., mixture_decay_mult=0., mixture_lr_mult=0.1,
+                     mixture_clip_grad=dict(max_norm=1.0))
 ANY_NORM = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, SwitchableNorm, BatchChannelNorm)
 COMPONENTS = {
     'mask-rcnn': {'backbone': 53, 'neck': 8, 'rpn_head': 0, 'roi_head.bbox_head': 4, 'roi_head.mask_head': 4},
@@ -85,7 +90,7 @@ def recipe_kind(recipe):
     stem = Path(recipe).stem
     if recipe == FLAGSHIP:
         return 'mask-rcnn', 'sn'
-    return stem.split('_')[0], re.search(r'_(sn|syncsn|bcn-ws|gn-ws|gn)-all_', stem).group(1)
+    return stem.split('_')[0], re.search(r'_(sn|syncsn|sn-g2|ssn|bcn-ws|gn-ws|gn)-all_', stem).group(1)
 
 
 def recipe_dataset(recipe):
@@ -126,7 +131,7 @@ def submodule(model, dotted):
 # ---------------------------------------------------------------- parsed configs (fast)
 
 def test_recipes_found():
-    assert FLAGSHIP in RECIPES and len(RECIPES) == 35
+    assert FLAGSHIP in RECIPES and len(RECIPES) == 39
     assert {recipe_kind(r)[0] for r in RECIPES} == set(COMPONENTS)
     assert {recipe_kind(r) for r in CITYSCAPES} == {('mask-rcnn', n) for n in ('sn', 'syncsn', 'bcn-ws', 'gn-ws')}
     assert {(recipe_kind(r)[0], recipe_dataset(r)) for r in RECIPES} == set(UPSTREAM)
@@ -141,7 +146,8 @@ def test_protocol(recipe, tmp_path):
     assert cfg.custom_imports == dict(imports=['norm_plugins'], allow_failed_imports=False)
     assert cfg.train_dataloader.batch_size == 2
     assert cfg.optim_wrapper.constructor == 'NormAwareOptimWrapperConstructor'
-    assert cfg.optim_wrapper.paramwise_cfg == dict(norm_decay_mult=0., mixture_decay_mult=0.)
+    assert cfg.optim_wrapper.paramwise_cfg == (SSN_PARAMWISE if norm == 'ssn' else
+                                               dict(norm_decay_mult=0., mixture_decay_mult=0.))
     backbone = cfg.model.backbone
     assert backbone.type == 'ResNet' and backbone.depth == 50 and not backbone.get('deep_stem', False)
     if algo in ('mask-rcnn', 'faster-rcnn'):
@@ -169,6 +175,10 @@ def test_protocol(recipe, tmp_path):
         assert cfg.model.decode_head.num_classes == cfg.model.auxiliary_head.num_classes == num_classes
     hooks = [h.type for h in cfg.get('custom_hooks', [])]
     assert ('BCNUpdateRateHook' in hooks) == (norm == 'bcn-ws')
+    assert ('SSNRadiusHook' in hooks) == (norm == 'ssn')
+    if norm in ('sn-g2', 'ssn'):  # variants of the flagship (2x, checked above) and of DeepLabV3 ADE20K
+        assert (algo, recipe_dataset(recipe)) in {('mask-rcnn', 'coco'), ('deeplabv3', 'ade20k')}
+    assert (backbone.norm_cfg.get('ratio_groups', 1) == 2) == (norm == 'sn-g2')
     if norm == 'bcn-ws':
         assert {k: backbone.norm_cfg[k] for k in ('type', 'num_groups', 'estimate')} == dict(
             type='BCN', num_groups=32, estimate=True)
@@ -176,10 +186,10 @@ def test_protocol(recipe, tmp_path):
 
 @pytest.mark.parametrize('recipe', RECIPES)
 def test_norm_eval(recipe):
-    """False where SN, SyncSN or BCN train (mmdet's True would only freeze _BatchNorm, but reads as
-    if they were frozen); GN baselines keep the toolbox's value."""
+    """False where SN (SyncSN, group SN, SSN) or BCN train (mmdet's True would only freeze _BatchNorm,
+    but reads as if they were frozen); GN baselines keep the toolbox's value."""
     _, norm = recipe_kind(recipe)
-    expected = False if norm in ('sn', 'syncsn', 'bcn-ws') else upstream(recipe).model.backbone.norm_eval
+    expected = False if norm in SN_FAMILY + ('bcn-ws',) else upstream(recipe).model.backbone.norm_eval
     assert load(recipe).model.backbone.norm_eval is expected
     if recipe_kind(recipe)[0] in ('mask-rcnn', 'faster-rcnn'):
         assert upstream(recipe).model.backbone.norm_eval is True  # so False is written, not inherited
@@ -187,11 +197,14 @@ def test_norm_eval(recipe):
 
 @pytest.mark.parametrize('recipe', RECIPES)
 def test_batch_average_evaluation(recipe):
-    """SN and SyncSN recipes run PreciseStatsHook with K batches (and no other custom hook, so that
-    `--cfg-options custom_hooks=[]` turns exactly it off); no other recipe runs it."""
+    """SN-family recipes run PreciseStatsHook with K batches (and no other custom hook, so that
+    `--cfg-options custom_hooks=[]` turns exactly it off; SSN's radius hook follows it); no other
+    recipe runs it."""
     hooks = load(recipe).get('custom_hooks', [])
-    if recipe_kind(recipe)[1] in ('sn', 'syncsn'):
-        assert hooks == [dict(type='PreciseStatsHook', num_batches=batch_average_batches(recipe))]
+    norm = recipe_kind(recipe)[1]
+    if norm in SN_FAMILY:
+        assert hooks == [dict(type='PreciseStatsHook', num_batches=batch_average_batches(recipe))] + (
+            [dict(type='SSNRadiusHook')] if norm == 'ssn' else [])
     else:
         assert 'PreciseStatsHook' not in [h.type for h in hooks]
 
@@ -247,7 +260,8 @@ def test_pretrained_backbone(recipe):
     _, norm = recipe_kind(recipe)
     checkpoint = cfg.model.backbone.init_cfg.checkpoint
     expected = {'sn': f'norm_plugins://resnet50_sn_8x{pretrain_images_per_gpu(recipe)}',
-                'syncsn': 'norm_plugins://resnet50_sn_8x2', 'bcn-ws': 'norm_plugins://resnet50_bcn_ws',
+                'syncsn': 'norm_plugins://resnet50_sn_8x2', 'sn-g2': 'norm_plugins://resnet50_sn_8x2_g2',
+                'ssn': 'norm_plugins://resnet50_ssn_8x2', 'bcn-ws': 'norm_plugins://resnet50_bcn_ws',
                 'gn-ws': 'open-mmlab://jhu/resnet50_gn_ws', 'gn': 'open-mmlab://detectron/resnet50_gn'}[norm]
     assert checkpoint == expected
     with warnings.catch_warnings(record=True) as caught:
@@ -363,6 +377,7 @@ def test_normalizers_where_the_name_says(built):
     for layer in norms_in(model):
         if isinstance(layer, SwitchableNorm):
             assert layer.normalizers == ('in', 'ln', 'bn') and layer.unbiased_instance_var
+            assert layer.ratio_groups == (2 if norm == 'sn-g2' else 1) and layer.momentum == 0.003
         if isinstance(layer, BatchChannelNorm):
             assert layer.estimate and layer.num_groups == 32
 
@@ -386,12 +401,15 @@ def test_optimizer_decays_convs_not_norms(built):
     group_of = {id(p): g for g in wrapper.optimizer.param_groups for p in g['params']}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert set(group_of) == trainable
+    # SSN's ratio logits at a tenth of the learning rate (the SSN code); every other norm parameter at it.
+    logits_lr = base_lr * cfg.optim_wrapper.paramwise_cfg.get('mixture_lr_mult', 1.0)
     norm_params = 0
     for layer in norms_in(model):
         for name, param in layer.named_parameters(recurse=False):
             if param.requires_grad:
                 assert group_of[id(param)]['weight_decay'] == 0, name
-                assert group_of[id(param)]['lr'] == base_lr
+                is_logit = name in ('mean_weight', 'var_weight')
+                assert group_of[id(param)]['lr'] == pytest.approx(logits_lr if is_logit else base_lr), name
                 norm_params += 1
     assert norm_params > 0
     for module in model.modules():

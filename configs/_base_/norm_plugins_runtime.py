@@ -8,3 +8,11 @@ custom_imports = dict(imports=['norm_plugins'], allow_failed_imports=False)
 norm_no_decay_optim_wrapper = dict(
     constructor='NormAwareOptimWrapperConstructor',
     paramwise_cfg=dict(norm_decay_mult=0., mixture_decay_mult=0.))
+
+# SSN recipes: the ratio logits trained as the SSN code trains them (Sparse_SwitchNorm train_imagenet.py):
+# at a tenth of the learning rate, without weight decay, their gradients clipped together to norm 1;
+# with `custom_hooks` holding SSNRadiusHook (the radius from the training progress).
+ssn_optim_wrapper = dict(
+    constructor='NormAwareOptimWrapperConstructor',
+    paramwise_cfg=dict(norm_decay_mult=0., mixture_decay_mult=0., mixture_lr_mult=0.1,
+                       mixture_clip_grad=dict(max_norm=1.0)))

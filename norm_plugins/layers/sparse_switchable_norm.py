@@ -147,25 +147,30 @@ class SparseSwitchableNorm(SwitchableNorm):
 
     def mixing_inputs(self) -> Tuple[Tensor, Optional[Tensor], bool]:
         """SparsestMax ratios at the current radius, frozen vectors replaced by their one-hot choice."""
-        mean = self._ratios(self.mean_weight, self.mean_fixed)
-        var = None if self.tied else self._ratios(self.var_weight, self.var_fixed)
-        return mean, var, False
-
-    def _ratios(self, logits: Tensor, fixed: Tensor) -> Tensor:
         k = len(self.normalizers)
-        ratios = sparsestmax(logits.reshape(-1, k), self.radius)
+        # Means and variances in one call: SparsestMax is a chain of small ops, launched once.
+        ratios = sparsestmax(self._stacked_logits(), self.radius)
+        fixed = torch.cat([fixed for _, fixed, _ in self._vectors()])
         # A comparison, not F.one_hot, which checks the indices on the host.
         chosen = (fixed.clamp(min=0).unsqueeze(-1) == torch.arange(k, device=fixed.device)).to(ratios.dtype)
-        return torch.where((fixed >= 0).unsqueeze(-1), chosen, ratios).reshape(logits.shape)
+        ratios = torch.where((fixed >= 0).unsqueeze(-1), chosen, ratios)
+        shape = self.mean_weight.shape
+        mean, *var = (r.reshape(shape) for r in ratios.split(self.ratio_groups))
+        return mean, (var[0] if var else None), False
+
+    def _stacked_logits(self) -> Tensor:
+        """(G, K) mean logits, then (G, K) variance logits unless tied."""
+        k = len(self.normalizers)
+        return torch.cat([logits.reshape(-1, k) for logits, _, _ in self._vectors()])
 
     @torch.no_grad()
     def _freeze_one_hot(self) -> None:
         """Freeze the free vectors whose SparsestMax ratios are one-hot at the current radius."""
-        k = len(self.normalizers)
-        for logits, fixed, fixed_at in self._vectors():
-            one_hot, index = one_hot_choice(logits.reshape(-1, k), self.radius)
-            newly = one_hot & (fixed < 0)
-            fixed.copy_(torch.where(newly, index, fixed))
+        one_hot, index = one_hot_choice(self._stacked_logits(), self.radius)
+        for (_, fixed, fixed_at), now, choice in zip(self._vectors(), one_hot.split(self.ratio_groups),
+                                                      index.split(self.ratio_groups)):
+            newly = now & (fixed < 0)
+            fixed.copy_(torch.where(newly, choice, fixed))
             fixed_at.copy_(torch.where(newly, self.iteration, fixed_at))
 
     def forward(self, x: Tensor) -> Tensor:

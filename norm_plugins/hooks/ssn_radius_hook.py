@@ -44,7 +44,9 @@ class SSNRadiusHook(Hook):
     mixture_clip_grad=dict(max_norm=1)``).
 
     Args:
-        end: progress in (0, 1] at which the radius reaches the vertex distance.
+        end: progress in (0, 1] at which the radius reaches the vertex distance. With 1 it reaches it
+            only after the last iteration (progress (max_iters - 1) / max_iters), so vectors whose
+            logits are not already far apart stay free and the trained layers keep mixing.
         power: exponent > 0 of the default schedule.
         points: ``(progress, fraction)`` pairs, progress increasing within [0, 1] and fractions
             non-decreasing within [0, 1] (frozen vectors stay frozen, so the radius never shrinks);

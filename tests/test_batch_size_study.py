@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from norm_plugins.layers import BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv2d
+from norm_plugins.layers import (BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm, SyncSwitchableNorm,
+                                 WSConv2d)
+from norm_plugins.ops.sparsestmax import vertex_distance
 from norm_plugins.study.classification import (ClassificationSetting, DigitsNet, image_order, learning_rate,
-                                               load_digits, mean_sn_ratios)
+                                               load_digits, mean_sn_ratios, ssn_freezing, train_one)
 from norm_plugins.study.cli import main
-from norm_plugins.study.normalizers import NORMALIZERS, layer_cfgs
+from norm_plugins.study.normalizers import NORMALIZERS, SN_FAMILY, layer_cfgs
+from norm_plugins.study.report import SSN_COLUMNS, freezing_table
 from norm_plugins.study.report import metric_table, summarize
 from tools_helpers import REPO
 
@@ -43,16 +46,19 @@ def test_tiny_study_end_to_end(tmp_path):
         assert int(r['steps']) == 8 // (2 * int(r['images_per_process']))
         assert 0 <= float(r['accuracy']) <= 100
         assert math.isfinite(float(r['final_train_loss']))
-        if r['normalizer'] in ('SN', 'SyncSN'):
+        if r['normalizer'] in SN_FAMILY:
             for kind in ('mean', 'var'):
                 assert sum(float(r[f'sn_{kind}_{k}']) for k in ('in', 'ln', 'bn')) == pytest.approx(1, abs=1e-5)
         else:
             assert r['sn_mean_bn'] == ''
+        _check_freezing(r, 4)  # widths (8, 16): two stages of two layers
     detection = _read_csv(out / 'detection_runs.csv')
-    assert [r['normalizer'] for r in detection] == ['BN', 'SN']
+    assert [r['normalizer'] for r in detection] == ['BN', 'SN', 'SSN']
     for r in detection:
         assert int(r['images_per_process']) == 2
         assert 0 <= float(r['bbox_mAP']) <= 100 and 0 <= float(r['bbox_mAP_50']) <= 100
+        # ResNet-18 (20 norms), FPN (8) and the 4conv1fc head (4)
+        _check_freezing(r, 32)
 
     summary = _read_csv(out / 'summary.csv')
     accuracy = {(s['normalizer'], int(s['images_per_process'])): s for s in summary
@@ -66,7 +72,8 @@ def test_tiny_study_end_to_end(tmp_path):
     markdown = (out / 'results.md').read_text()
     assert 'python tools/study_batch_size.py --tiny' in markdown
     for heading in ('## Classification: digits test accuracy', '## SN importance ratios',
-                    '## Detection from scratch: COCO box mAP'):
+                    '## SSN: frozen ratio vectors', '## Detection from scratch: COCO box mAP',
+                    '## Detection: SSN frozen ratio vectors'):
         assert heading in markdown
     for n in NORMALIZERS:
         assert f'| {n} |' in markdown
@@ -79,10 +86,22 @@ def test_tiny_study_end_to_end(tmp_path):
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 0
 
 
+def _check_freezing(row, vectors):
+    """SSN rows: frozen counts within the model's ratio vectors; the radius a valid one. Others: empty."""
+    if row['normalizer'] != 'SSN':
+        assert all(row[c] == '' for c in SSN_COLUMNS)
+        return
+    assert int(float(row['ssn_vectors'])) == vectors
+    for kind in ('mean', 'var'):
+        assert 0 <= sum(int(float(row[f'ssn_frozen_{kind}_{k}'])) for k in ('in', 'ln', 'bn')) <= vectors
+    assert 0 <= float(row['ssn_radius']) <= vertex_distance(3) + 1e-6
+
+
 @pytest.mark.parametrize('name,norm_type,conv_type', [
     ('BN', torch.nn.BatchNorm2d, torch.nn.Conv2d), ('GN', torch.nn.GroupNorm, torch.nn.Conv2d),
     ('GN+WS', torch.nn.GroupNorm, WSConv2d), ('SN', SwitchableNorm, torch.nn.Conv2d),
-    ('SyncSN', SyncSwitchableNorm, torch.nn.Conv2d), ('BCN+WS', BatchChannelNorm, WSConv2d)])
+    ('SyncSN', SyncSwitchableNorm, torch.nn.Conv2d), ('SN-G2', SwitchableNorm, torch.nn.Conv2d),
+    ('SSN', SparseSwitchableNorm, torch.nn.Conv2d), ('BCN+WS', BatchChannelNorm, WSConv2d)])
 def test_network_builds_each_normalizer_through_the_registry(name, norm_type, conv_type):
     net = DigitsNet((8, 16), **layer_cfgs(name, 4))
     convs = [m.conv for m in net.features]
@@ -93,6 +112,8 @@ def test_network_builds_each_normalizer_through_the_registry(name, norm_type, co
     assert all(c.bias is None for c in convs)
     if name == 'BCN+WS':
         assert all(n.estimate for n in norms)
+    if norm_type is SwitchableNorm:
+        assert all(n.ratio_groups == (2 if name == 'SN-G2' else 1) for n in norms)
     assert net(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
@@ -138,6 +159,62 @@ def test_mean_sn_ratios_average_the_layers():
     assert ratios['sn_mean_in'] == pytest.approx((0.25 + 1 / 3) / 2)
     assert ratios['sn_var_bn'] == pytest.approx(1 / 3)
     assert mean_sn_ratios(DigitsNet((8,), **layer_cfgs('GN', 4))) == {}
+
+
+def test_ratio_averages_of_group_sn_and_ssn_freezing_counts():
+    net = DigitsNet((8,), **layer_cfgs('SN-G2', 4))
+    first, second = [m.norm for m in net.features]
+    with torch.no_grad():
+        first.mean_weight.copy_(torch.tensor([[0.0, 0.0, math.log(2.0)], [0.0, 0.0, 0.0]]))
+    # Each layer's groups are averaged first: (1/2 + 1/3) / 2 for the first layer, 1/3 for the second.
+    assert mean_sn_ratios(net)['sn_mean_bn'] == pytest.approx(((0.5 + 1 / 3) / 2 + 1 / 3) / 2)
+    assert ssn_freezing(net) == {}
+    ssn = DigitsNet((8,), **layer_cfgs('SSN', 4))
+    first, second = [m.norm for m in ssn.features]
+    with torch.no_grad():
+        first.mean_weight.copy_(torch.tensor([0.0, 0.0, 1.0]))
+        first.var_weight.copy_(torch.tensor([0.0, 1.0, 0.0]))
+    first.set_radius(0.4)
+    first.harden()
+    first.set_radius(0.5)
+    assert ssn_freezing(ssn) == dict(ssn_vectors=2, ssn_radius=0.5, ssn_frozen_mean_in=0, ssn_frozen_mean_ln=0,
+                                     ssn_frozen_mean_bn=1, ssn_frozen_var_in=0, ssn_frozen_var_ln=1,
+                                     ssn_frozen_var_bn=0)
+    rows = [dict(task='classification', normalizer='SSN', images_per_process=1, seed=s, **ssn_freezing(ssn))
+            for s in (0, 1)]
+    assert '| SSN | 1 | 2.0 ± 0.0 | 0.0 ± 0.0 | 0.0 ± 0.0 | 1.0 ± 0.0 | 0.0 ± 0.0 | 1.0 ± 0.0 | 0.0 ± 0.0 | ' \
+        '0.50 ± 0.00 |' in freezing_table(summarize(rows))
+
+
+def test_ssn_run_follows_the_radius_schedule_and_the_logit_settings(monkeypatch):
+    """One process, 20 steps: the radius reaches the vertex at 82% of the steps, so every ratio vector is
+    frozen at the end; the logits step at a tenth of the learning rate, without weight decay, clipped."""
+    setting = ClassificationSetting(normalizers=('SSN',), images_per_process=(2,), seeds=(0,), images=40,
+                                    image_size=8, widths=(8,), num_groups=4, processes=1)
+    data = load_digits(8)
+    seen = {'clipped': []}
+    original_step, original_clip = torch.optim.SGD.step, torch.nn.utils.clip_grad_norm_
+
+    def step(self, *args, **kwargs):
+        seen['groups'] = [(g['lr'], g['weight_decay'], len(g['params'])) for g in self.param_groups]
+        return original_step(self, *args, **kwargs)
+
+    def clip(params, max_norm, *args, **kwargs):
+        seen['clipped'].append(([tuple(p.shape) for p in params], max_norm))
+        return original_clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, 'step', step)
+    monkeypatch.setattr(torch.nn.utils, 'clip_grad_norm_', clip)
+    result = train_one(setting, data, 'SSN', 2, 0, 0, 1)
+    assert result['steps'] == 20
+    assert result['ssn_vectors'] == 2
+    assert sum(result[f'ssn_frozen_mean_{k}'] for k in ('in', 'ln', 'bn')) == 2
+    assert sum(result[f'ssn_frozen_var_{k}'] for k in ('in', 'ln', 'bn')) == 2
+    assert result['ssn_radius'] == pytest.approx(vertex_distance(3))
+    (lr, decay, count), (logit_lr, logit_decay, logits) = seen['groups']
+    assert logits == 4 and logit_lr == pytest.approx(lr / 10) and logit_decay == 0 and decay == 1e-4
+    # The logits alone (mean and variance of two layers), clipped together at norm 1, every step.
+    assert seen['clipped'] == [([(3,)] * 4, 1.0)] * 20
 
 
 def test_summary_mean_and_sample_std():

@@ -8,8 +8,11 @@ images per step, like the papers' (#GPUs, images per GPU) settings. All runs of 
 same number of images in the same order (a function of the seed only), with SGD whose learning rate
 follows the linear scaling rule (``base_lr`` per 64 images of global batch), a short linear warmup
 and a cosine decay; the micro-batch BCN update rate is set to the learning rate at every step
-(the WS/BCN paper's choice). Evaluation is on the test set in eval mode (running/estimated
-statistics), one process.
+(the WS/BCN paper's choice). SSN trains as the SSN code trains it: the SparsestMax radius follows
+:class:`~norm_plugins.hooks.SSNRadiusHook`'s schedule of the progress (one-hot, hence frozen, from
+82% of the steps on), and its ratio logits learn at a tenth of the learning rate without weight
+decay, their gradients clipped together to norm 1. Evaluation is on the test set in eval mode
+(running/estimated statistics), one process.
 """
 import inspect
 import json
@@ -26,7 +29,10 @@ from mmcv.cnn import ConvModule
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..hooks.ssn_radius_hook import SSNRadiusHook
 from ..layers import BatchChannelNorm, SwitchableNorm
+from ..layers.sparse_switchable_norm import SparseSwitchableNorm, refresh_frozen
+from ..ops.sparsestmax import vertex_distance
 from ..testing import run_distributed
 from .normalizers import layer_cfgs
 
@@ -36,6 +42,8 @@ TEST_IMAGES = 447
 #: The learning rate is ``base_lr * global_batch / LR_REFERENCE_BATCH``.
 LR_REFERENCE_BATCH = 64
 WARMUP_FRACTION = 0.05
+#: SSN's ratio logits in the SSN code: a tenth of the learning rate, gradients clipped to norm 1.
+SSN_LOGIT_LR_MULT, SSN_LOGIT_MAX_NORM = 0.1, 1.0
 
 
 @dataclass(frozen=True)
@@ -125,14 +133,29 @@ def learning_rate(step: int, steps: int, peak: float) -> float:
 
 
 def mean_sn_ratios(model: nn.Module) -> Dict[str, float]:
-    """SN's softmaxed importance ratios averaged over all SN/SyncSN layers (empty without SN)."""
+    """SN's importance ratios (softmax; SparsestMax for SSN) averaged over all SN-family layers, a
+    group-SN layer's groups averaged first (empty without SN)."""
     layers = [m for m in model.modules() if isinstance(m, SwitchableNorm)]
     if not layers:
         return {}
     out = {}
     for kind in ('mean', 'var'):
         for name in ('in', 'ln', 'bn'):
-            out[f'sn_{kind}_{name}'] = float(np.mean([float(m.ratios()[kind][name]) for m in layers]))
+            out[f'sn_{kind}_{name}'] = float(np.mean([float(m.ratios()[kind][name].mean()) for m in layers]))
+    return out
+
+
+def ssn_freezing(model: nn.Module) -> Dict[str, float]:
+    """SSN layers: how many ratio vectors there are (layers x channel groups) and how many of the mean
+    and variance vectors froze to each normalizer, plus the final radius (empty without SSN)."""
+    layers = [m for m in model.modules() if isinstance(m, SparseSwitchableNorm)]
+    if not layers:
+        return {}
+    out = {'ssn_vectors': sum(layer.ratio_groups for layer in layers), 'ssn_radius': float(layers[0].radius)}
+    for kind in ('mean', 'var'):
+        chosen = [layer.normalizers[i] for layer in layers for i in getattr(layer, f'{kind}_fixed').tolist() if i >= 0]
+        for name in ('in', 'ln', 'bn'):
+            out[f'ssn_frozen_{kind}_{name}'] = chosen.count(name)
     return out
 
 
@@ -147,6 +170,17 @@ def _data_parallel(model: nn.Module) -> DistributedDataParallel:
     return DistributedDataParallel(model, broadcast_buffers=False)
 
 
+def _param_groups(model: nn.Module, ssn_layers: Sequence[SparseSwitchableNorm]) -> List[Dict]:
+    """One group of every parameter, except SSN's ratio logits: a group of their own at a tenth of
+    the learning rate (``lr_mult``) without weight decay (the SSN code)."""
+    logits = [p for layer in ssn_layers for p in (layer.mean_weight, layer.var_weight) if p is not None]
+    chosen = {id(p) for p in logits}
+    groups = [dict(params=[p for p in model.parameters() if id(p) not in chosen])]
+    if logits:
+        groups.append(dict(params=logits, lr_mult=SSN_LOGIT_LR_MULT, weight_decay=0.0))
+    return groups
+
+
 def train_one(setting: ClassificationSetting, data: Dict[str, Tensor], normalizer: str, batch: int, seed: int,
               rank: int, world: int) -> Dict:
     """Train and evaluate one (normalizer, images per process, seed) run; every rank calls it."""
@@ -154,9 +188,12 @@ def train_one(setting: ClassificationSetting, data: Dict[str, Tensor], normalize
     torch.manual_seed(seed)
     model = DigitsNet(setting.widths, **layer_cfgs(normalizer, setting.num_groups)).to(device)
     micro_bcn = [m for m in model.modules() if isinstance(m, BatchChannelNorm) and m.estimate]
+    ssn_layers = [m for m in model.modules() if isinstance(m, SparseSwitchableNorm)]
+    radius_schedule = SSNRadiusHook()
     net = _data_parallel(model) if world > 1 else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=setting.momentum,
+    optimizer = torch.optim.SGD(_param_groups(model, ssn_layers), lr=0.0, momentum=setting.momentum,
                                 weight_decay=setting.weight_decay)
+    ssn_logits = [p for group in optimizer.param_groups if 'lr_mult' in group for p in group['params']]
     global_batch = batch * world
     steps = setting.images // global_batch
     peak_lr = setting.base_lr * global_batch / LR_REFERENCE_BATCH
@@ -168,16 +205,23 @@ def train_one(setting: ClassificationSetting, data: Dict[str, Tensor], normalize
     for step in range(steps):
         lr = learning_rate(step, steps, peak_lr)
         for group in optimizer.param_groups:
-            group['lr'] = lr
+            group['lr'] = lr * group.get('lr_mult', 1.0)
         for layer in micro_bcn:
             layer.set_update_rate(lr)
+        fraction = radius_schedule.radius_fraction(step / steps)
+        for layer in ssn_layers:
+            layer.set_radius(fraction * vertex_distance(len(layer.normalizers)), iteration=step)
         first = step * global_batch + rank * batch
         index = order[first:first + batch].to(device)
         loss = F.cross_entropy(net(train_x[index]), train_y[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if ssn_logits:  # after DDP's all-reduce: every rank clips the same gradients
+            torch.nn.utils.clip_grad_norm_(ssn_logits, SSN_LOGIT_MAX_NORM)
         optimizer.step()
         losses.append(loss.detach())
+    if ssn_layers:  # the host copy of the frozen state, so eval computes only the chosen statistics
+        refresh_frozen(ssn_layers)
     tail = torch.stack(losses[-max(1, steps // 10):]).mean().reshape(1).cpu()
     if world > 1:
         dist.all_reduce(tail)
@@ -189,6 +233,7 @@ def train_one(setting: ClassificationSetting, data: Dict[str, Tensor], normalize
     if rank == 0:
         result['accuracy'] = evaluate(model, data['test_x'].to(device), data['test_y'].to(device))
         result.update(mean_sn_ratios(model))
+        result.update(ssn_freezing(model))
     return result
 
 

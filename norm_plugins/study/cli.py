@@ -42,9 +42,10 @@ def _names(text: str) -> tuple:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description='Train the same small networks with BN, GN, GN+WS, SN, SyncSN and BCN+WS at several images '
-                    'per process (digits classification) and detectors from scratch at 2 images per process '
-                    '(shapes demo data); write CSV/Markdown tables and plots.')
+        description='Train the same small networks with BN, GN, GN+WS, SN, SyncSN, group SN (SN-G2), sparse SN '
+                    '(SSN) and BCN+WS at several images per process (digits classification) and detectors from '
+                    'scratch at 2 images per process (shapes demo data); write CSV/Markdown tables and plots, '
+                    "with SN's ratios and how many SSN ratio vectors froze to which normalizer.")
     p.add_argument('--out', default='work_dirs/batch_size_study', help='output folder')
     p.add_argument('--device', choices=('cpu', 'cuda'), default='cpu',
                    help='cpu: the default study (2 processes); cuda: the larger GPU study')

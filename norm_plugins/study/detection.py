@@ -21,12 +21,13 @@ from typing import Dict, List, Tuple
 import torch
 import torch.multiprocessing as mp
 
+from .classification import SSN_LOGIT_LR_MULT, SSN_LOGIT_MAX_NORM, mean_sn_ratios, ssn_freezing
 from .normalizers import layer_cfgs
 
 DEMO_CONFIG = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'configs', 'demo',
                        'faster-rcnn_r18-syncsn_fpn_2xb4-600i_shapes-128.py')
 #: Normalizers a single-process detector can use (SyncSN needs several processes: in one it is SN).
-DETECTION_CHOICES = ('BN', 'GN', 'GN+WS', 'SN', 'BCN+WS')
+DETECTION_CHOICES = ('BN', 'GN', 'GN+WS', 'SN', 'SN-G2', 'SSN', 'BCN+WS')
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,10 @@ def build_config(setting: DetectionSetting, normalizer: str, seed: int, work_dir
     ]
     if layers['norm_cfg']['type'] == 'BCN':
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='BCNUpdateRateHook')]
+    if layers['norm_cfg']['type'] == 'SSN':  # the SSN recipes' radius schedule and logit training
+        cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='SSNRadiusHook')]
+        cfg.optim_wrapper.paramwise_cfg.update(mixture_lr_mult=SSN_LOGIT_LR_MULT,
+                                               mixture_clip_grad=dict(max_norm=SSN_LOGIT_MAX_NORM))
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False, interval=setting.iters + 1)
     cfg.default_hooks.logger.interval = max(1, min(50, setting.iters // 4))
     cfg.randomness = dict(seed=seed)
@@ -108,11 +113,13 @@ def train_one(setting: DetectionSetting, normalizer: str, seed: int, work_dir: s
         runner.train()
         seconds = time.perf_counter() - start
         metrics = runner.val()
+    # The trained detector's SN ratios and SSN choices, as for the classifiers.
     return dict(task='detection', normalizer=normalizer, images_per_process=setting.images_per_process,
                 processes=1, seed=seed, steps=setting.iters, images=setting.iters * setting.images_per_process,
                 bbox_mAP=round(100 * float(metrics['coco/bbox_mAP']), 2),
                 bbox_mAP_50=round(100 * float(metrics['coco/bbox_mAP_50']), 2),
-                train_seconds=round(seconds, 2), work_dir=work_dir)
+                train_seconds=round(seconds, 2), work_dir=work_dir,
+                **mean_sn_ratios(runner.model), **ssn_freezing(runner.model))
 
 
 def _run(args) -> Dict:

@@ -6,15 +6,18 @@ import os.path as osp
 from collections import defaultdict
 from typing import Dict, Iterable, List, Sequence, Tuple
 
+RATIO_NAMES = (('in', 'IN'), ('ln', 'LN'), ('bn', 'BN'))
+#: SSN: ratio vectors per model, how many mean/variance vectors froze to each normalizer, final radius.
+SSN_COLUMNS = ('ssn_vectors',) + tuple(f'ssn_frozen_{kind}_{k}' for kind in ('mean', 'var') for k, _ in RATIO_NAMES) \
+    + ('ssn_radius',)
+SN_RATIO_COLUMNS = ('sn_mean_in', 'sn_mean_ln', 'sn_mean_bn', 'sn_var_in', 'sn_var_ln', 'sn_var_bn')
 RUN_COLUMNS = ('task', 'normalizer', 'images_per_process', 'processes', 'seed', 'steps', 'images',
-               'peak_lr', 'accuracy', 'bbox_mAP', 'bbox_mAP_50', 'final_train_loss', 'train_seconds',
-               'sn_mean_in', 'sn_mean_ln', 'sn_mean_bn', 'sn_var_in', 'sn_var_ln', 'sn_var_bn')
+               'peak_lr', 'accuracy', 'bbox_mAP', 'bbox_mAP_50', 'final_train_loss', 'train_seconds') \
+    + SN_RATIO_COLUMNS + SSN_COLUMNS
 SUMMARY_COLUMNS = ('task', 'normalizer', 'images_per_process', 'metric', 'mean', 'std', 'n')
 #: Metrics summarized per task, in table order.
-METRICS = {'classification': ('accuracy', 'final_train_loss', 'sn_mean_in', 'sn_mean_ln', 'sn_mean_bn',
-                              'sn_var_in', 'sn_var_ln', 'sn_var_bn'),
-           'detection': ('bbox_mAP', 'bbox_mAP_50')}
-RATIO_NAMES = (('in', 'IN'), ('ln', 'LN'), ('bn', 'BN'))
+METRICS = {'classification': ('accuracy', 'final_train_loss') + SN_RATIO_COLUMNS + SSN_COLUMNS,
+           'detection': ('bbox_mAP', 'bbox_mAP_50') + SN_RATIO_COLUMNS + SSN_COLUMNS}
 
 
 def write_runs_csv(rows: Sequence[Dict], path: str) -> None:
@@ -96,9 +99,9 @@ def metric_table(summary: Sequence[Dict], task: str, metric: str, digits: int = 
     return '\n'.join(lines) + f'\n\nmean ± sample standard deviation over {seeds} seed(s).\n'
 
 
-def ratio_table(summary: Sequence[Dict]) -> str:
+def ratio_table(summary: Sequence[Dict], task: str = 'classification') -> str:
     """Markdown table of SN's mean ratios (IN/LN/BN, of means and of variances) per images per process."""
-    rows = [s for s in summary if s['metric'].startswith('sn_')]
+    rows = [s for s in summary if s['task'] == task and s['metric'].startswith('sn_')]
     if not rows:
         return ''
     table = _lookup(summary)
@@ -106,8 +109,25 @@ def ratio_table(summary: Sequence[Dict]) -> str:
              '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
     for n in _ordered(s['normalizer'] for s in rows):
         for b in sorted(_ordered(s['images_per_process'] for s in rows if s['normalizer'] == n)):
-            cells = [_cell(table.get(('classification', n, b, f'sn_{kind}_{k}')), 3)
+            cells = [_cell(table.get((task, n, b, f'sn_{kind}_{k}')), 3)
                      for kind in ('mean', 'var') for k, _ in RATIO_NAMES]
+            lines.append(f'| {n} | {b} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def freezing_table(summary: Sequence[Dict], task: str = 'classification') -> str:
+    """Markdown table of SSN's frozen ratio vectors: per images per process, the vectors per model and
+    how many mean and variance vectors froze to IN, LN and BN (mean ± std over seeds), and the radius."""
+    rows = [s for s in summary if s['task'] == task and s['metric'] in SSN_COLUMNS]
+    if not rows:
+        return ''
+    table = _lookup(summary)
+    lines = ['| normalizer | img/process | vectors | mean→IN | mean→LN | mean→BN | var→IN | var→LN | var→BN | radius |',
+             '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+    for n in _ordered(s['normalizer'] for s in rows):
+        for b in sorted(_ordered(s['images_per_process'] for s in rows if s['normalizer'] == n)):
+            cells = [_cell(table.get((task, n, b, metric)), 2 if metric == 'ssn_radius' else 1)
+                     for metric in SSN_COLUMNS]
             lines.append(f'| {n} | {b} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
@@ -137,15 +157,19 @@ def plot_metric(summary: Sequence[Dict], task: str, metric: str, ylabel: str, pa
 
 def plot_sn_ratios(summary: Sequence[Dict], path: str) -> None:
     """SN's layer-averaged IN/LN/BN ratios against images per process: means (left), variances (right);
-    solid lines SN, dashed SyncSN."""
+    one line style per SN kind, in study order (SN solid, SyncSN dashed, SN-G2 dotted, SSN dash-dotted)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     rows = [s for s in summary if s['metric'].startswith('sn_')]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.5), dpi=100, sharey=True)
     colors = dict(zip((k for k, _ in RATIO_NAMES), ('tab:blue', 'tab:orange', 'tab:green')))
+    names = _ordered(s['normalizer'] for s in rows)
+    styles = ('-', '--', ':', '-.')
+    if len(names) > len(styles):
+        raise ValueError(f'the ratio plot tells {len(styles)} SN kinds apart by line style, got {names}')
     for ax, kind in zip(axes, ('mean', 'var')):
-        for n, style in zip(_ordered(s['normalizer'] for s in rows), ('-', '--', ':')):
+        for n, style in zip(names, styles):
             for k, label in RATIO_NAMES:
                 points = sorted((s['images_per_process'], s['mean'], s['std']) for s in rows
                                 if s['normalizer'] == n and s['metric'] == f'sn_{kind}_{k}')
@@ -192,14 +216,22 @@ def write_report(rows: Sequence[Dict], out_dir: str, command: str, settings: Dic
         ratios = ratio_table(summary)
         if ratios:
             paths['ratio_plot'] = osp.join(out_dir, 'sn_ratios_vs_batch.png')
-            plot_sn_ratios(summary, paths['ratio_plot'])
+            plot_sn_ratios([s for s in summary if s['task'] == 'classification'], paths['ratio_plot'])
             sections += ['## SN importance ratios (mean over layers)', '', ratios,
                          '![SN ratios against images per process](sn_ratios_vs_batch.png)', '']
+        frozen = freezing_table(summary)
+        if frozen:
+            sections += ['## SSN: frozen ratio vectors (count per model)', '', frozen]
     if 'detection_csv' in paths:
         sections += ['## Detection from scratch: COCO box mAP (%)', '',
                      metric_table(summary, 'detection', 'bbox_mAP'),
                      '## Detection from scratch: box AP50 (%)', '',
                      metric_table(summary, 'detection', 'bbox_mAP_50')]
+        ratios, frozen = ratio_table(summary, 'detection'), freezing_table(summary, 'detection')
+        if ratios:
+            sections += ['## Detection: SN importance ratios (mean over layers)', '', ratios]
+        if frozen:
+            sections += ['## Detection: SSN frozen ratio vectors (count per model)', '', frozen]
     with open(paths['markdown'], 'w') as f:
         f.write('\n'.join(sections).rstrip() + '\n')
     return paths

@@ -38,7 +38,7 @@ def preset(name: str, out_dir: str, data_root: str = 'data/shapes') -> Dict:
             classification=ClassificationSetting(
                 normalizers=NORMALIZERS, images_per_process=(1, 2), seeds=(0,), images=8, image_size=8,
                 widths=(8, 16), num_groups=4),
-            detection=DetectionSetting(normalizers=('BN', 'SN'), seeds=(0,), iters=2,
+            detection=DetectionSetting(normalizers=('BN', 'SN', 'SSN'), seeds=(0,), iters=2,
                                        data_root=osp.join(out_dir, 'shapes_tiny')),
             shapes=TINY_SHAPES)
     raise ValueError(f'unknown preset {name!r}; choose default, cuda or tiny')

@@ -310,17 +310,22 @@ setup(name='mmcv', version='2.1.0', py_modules=[])
 '''
 
 
+def _fake_mmcv_sdist(tmp_path: Path, wheelhouse: Path):
+    """Puts the stand-in mmcv 2.1.0 sdist (FAKE_MMCV_SETUP) into ``wheelhouse``."""
+    source = tmp_path / 'mmcv-2.1.0'
+    source.mkdir()
+    (source / 'setup.py').write_text(FAKE_MMCV_SETUP)
+    subprocess.run(['tar', '-czf', str(wheelhouse / 'mmcv-2.1.0.tar.gz'), '-C', str(tmp_path), 'mmcv-2.1.0'],
+                   check=True)
+
+
 @pytest.mark.slow
 def test_mmcv_build_reports_progress_and_the_log_when_it_fails(tmp_path):
     """The build (here a stand-in sdist that compiles one of two files and fails) prints heartbeat
     lines with the compiled-file count, and on failure the end of its log and the log's path."""
-    source = tmp_path / 'mmcv-2.1.0'
-    source.mkdir()
-    (source / 'setup.py').write_text(FAKE_MMCV_SETUP)
     wheelhouse = tmp_path / 'wheelhouse'
     wheelhouse.mkdir()
-    subprocess.run(['tar', '-czf', str(wheelhouse / 'mmcv-2.1.0.tar.gz'), '-C', str(tmp_path), 'mmcv-2.1.0'],
-                   check=True)
+    _fake_mmcv_sdist(tmp_path, wheelhouse)
     (wheelhouse / 'wheelhouse.txt').write_text(f'python={sys.version_info[0]}.{sys.version_info[1]}\nextras=test\n')
     # The new venv brings an older setuptools of its own; everything else is already in the "system",
     # so the offline install gets as far as the build.
@@ -341,3 +346,45 @@ def test_mmcv_build_reports_progress_and_the_log_when_it_fails(tmp_path):
     assert f'the whole log: {log}' in result.stderr and 'error: fake compiler error' in log.read_text()
     assert re.search(r'\[setup\] +mmcv/ops/csrc/pytorch/cpu/nms_cpu.cpp:1:1: error: fake compiler error\n',
                      result.stderr)
+
+
+@pytest.mark.slow
+def test_a_cached_wheel_that_does_not_load_here_is_built_again(tmp_path):
+    """A wheel carried from another machine whose compiled ops do not load against this one's
+    libraries (here: a stand-in whose _ext is no shared object) is set aside, and mmcv is built on
+    this machine (here the stand-in sdist, whose build fails at once)."""
+    system = set()
+    for name in ('torch', 'numpy', 'scipy', 'matplotlib', 'pillow', 'opencv-python'):
+        system |= _requirement_closure(name)
+    present = tmp_path / 'present.txt'
+    present.write_text(''.join(f'{name}=={distribution(name).version}\n' for name in sorted(system)))
+    version = f'{sys.version_info[0]}.{sys.version_info[1]}'
+    wheelhouse = tmp_path / 'wheelhouse'
+    _run(['bash', 'tools/make_wheelhouse.sh', '--python', version, '--out', str(wheelhouse), '--present', str(present)],
+         {'PYTHON': sys.executable})
+    (wheelhouse / 'mmcv-2.1.0.tar.gz').unlink()
+    _fake_mmcv_sdist(tmp_path, wheelhouse)
+    cache = tmp_path / 'cache'
+    flavour = cache / helper.current_plan({'NORM_PLUGINS_MMCV_OPS': 'cpu'}).flavour
+    flavour.mkdir(parents=True)
+    tag = helper.python_tag(sys.version_info)
+    carried = flavour / f'mmcv-2.1.0-{tag}-{tag}-linux_x86_64.whl'
+    info = 'mmcv-2.1.0.dist-info'
+    with zipfile.ZipFile(carried, 'w') as wheel:
+        wheel.writestr('mmcv/__init__.py', "__version__ = '2.1.0'\n")
+        wheel.writestr(f'mmcv/_ext{sysconfig.get_config_var("EXT_SUFFIX")}', b'not a shared object')
+        wheel.writestr(f'{info}/METADATA', 'Metadata-Version: 2.1\nName: mmcv\nVersion: 2.1.0\n')
+        wheel.writestr(f'{info}/WHEEL', f'Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: {tag}-{tag}-linux_x86_64\n')
+        wheel.writestr(f'{info}/RECORD', '')
+    python = _fake_system_python(tmp_path / 'system', sorted(system), without_metadata=('opencv-python',))
+    env = {'PYTHON': str(python), 'NORM_PLUGINS_VENV': str(tmp_path / 'venv'), 'NORM_PLUGINS_WHEEL_CACHE': str(cache),
+           'NORM_PLUGINS_MMCV_OPS': 'cpu', 'PIP_CONFIG_FILE': os.devnull, 'PIP_FIND_LINKS': None}
+    result = subprocess.run(['bash', 'tools/setup_env.sh', '--system-torch', '--wheelhouse', str(wheelhouse)],
+                            cwd=REPO, env={k: v for k, v in {**os.environ, **env}.items() if v is not None},
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f'reusing cached mmcv wheel {carried}' in result.stdout
+    assert re.search(rf'the cached {re.escape(carried.name)} does not load here \(ImportError: .*\); '
+                     'building mmcv on this machine', result.stdout), result.stdout
+    assert '[setup] building mmcv==2.1.0 with cpu ops' in result.stdout and 'fake compiler error' in result.stderr
+    assert not carried.exists() and carried.with_name(carried.name + '.unloadable').is_file()

@@ -199,8 +199,10 @@ if [[ -z "$WHEEL" && -d "$WHEELS" ]]; then
   [[ -z "$adopted" ]] || say "moved $adopted from the flat cache of an earlier set-up into $FLAVOUR_DIR"
   WHEEL="$(ls "$FLAVOUR_DIR"/mmcv-2.1.0-*.whl 2>/dev/null | head -n 1 || true)"
 fi
+BUILT=0
 if [[ -z "$WHEEL" ]]; then
   build_mmcv
+  BUILT=1
   WHEEL="$(ls "$FLAVOUR_DIR"/mmcv-2.1.0-*.whl | head -n 1)"
 else
   say "reusing cached mmcv wheel $WHEEL"
@@ -209,14 +211,26 @@ fi
 say "installing mmcv, mmengine, mmdet, mmsegmentation and norm_plugins[$EXTRAS] (editable)"
 # An mmcv built for another torch or device may be in the venv: reinstall unless it came from this wheel.
 MMCV_MARK="$VENV/.norm_plugins_mmcv_wheel"
-if [[ "$(cat "$MMCV_MARK" 2>/dev/null)" != "$WHEEL $(stat -c %Y "$WHEEL")" ]]; then
-  "${PIP[@]}" install -q --force-reinstall --no-deps "$WHEEL" \
-    || fail "installing $WHEEL failed" "delete $FLAVOUR_DIR and rerun to rebuild it"
-  echo "$WHEEL $(stat -c %Y "$WHEEL")" >"$MMCV_MARK"
-fi
+install_mmcv() {
+  if [[ "$(cat "$MMCV_MARK" 2>/dev/null)" != "$WHEEL $(stat -c %Y "$WHEEL")" ]]; then
+    "${PIP[@]}" install -q --force-reinstall --no-deps "$WHEEL" \
+      || fail "installing $WHEEL failed" "delete $FLAVOUR_DIR and rerun to rebuild it"
+    echo "$WHEEL $(stat -c %Y "$WHEEL")" >"$MMCV_MARK"
+  fi
+}
+install_mmcv
 "${PIP[@]}" install -q --no-build-isolation "${SOURCE[@]}" "${CONSTRAINTS[@]}" --find-links "$FLAVOUR_DIR" \
   -e "$ROOT[$EXTRAS]" \
   || fail "installing norm_plugins and its pinned dependencies failed" "read the pip error above"
+# A cached wheel may have been built on another machine (one carried to an offline GPU node): if its
+# compiled ops do not load against this machine's libraries, build them here after all.
+if ((!BUILT)) && ! loaded="$("$VENV/bin/python" -c 'import mmcv._ext' 2>&1)"; then
+  say "the cached $(basename "$WHEEL") does not load here ($(tail -n 1 <<<"$loaded")); building mmcv on this machine"
+  mv "$WHEEL" "$WHEEL.unloadable"
+  build_mmcv
+  WHEEL="$(ls "$FLAVOUR_DIR"/mmcv-2.1.0-*.whl | head -n 1)"
+  install_mmcv
+fi
 
 "$VENV/bin/python" -c 'import mmcv._ext, mmdet.models, mmseg.models, norm_plugins' \
   || fail "the installed stack does not import" "remove $VENV and rerun this script"

@@ -6,13 +6,18 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-usage: tools/make_carry.sh [--out DIR] [--python 3.X] [--present FILE] [--extras LIST]
+usage: tools/make_carry.sh [--out DIR] [--python 3.X] [--present FILE] [--extras LIST] [--mmcv-wheels CACHE]
        tools/make_carry.sh --check DIR
 
   --out DIR       the folder to carry (default gpu_carry, ignored by git); DIR/wheelhouse is remade
   --python 3.X    the node's Python (default 3.12)
   --present FILE  what the node has (default tools/gpu_node_packages.txt)
   --extras LIST   norm_plugins extras (default test, what tools/gpu_check.sh needs)
+  --mmcv-wheels CACHE
+                  also carry mmcv wheels with CUDA ops built for that Python, from a wheel cache of
+                  tools/setup_env.sh (tools/gpu_rehearsal.sh builds the node's into its DIR/wheels):
+                  with NORM_PLUGINS_WHEEL_CACHE=DIR/wheels the node skips the build (4 minutes on
+                  16 cores), and builds after all if the wheel does not load there
   --check DIR     only check the size of an existing folder to carry
 
 Stops when DIR is 60 MiB or more, or when the working tree and DIR together exceed the 64 MiB that
@@ -30,15 +35,17 @@ fail() {
 LIMIT_MIB=60       # the carried folder
 TRAVEL_MIB=64      # everything that travels: the working tree and the carried folders
 
-OUT="$ROOT/gpu_carry" PY=3.12 PRESENT="$ROOT/tools/gpu_node_packages.txt" EXTRAS=test CHECK_ONLY=0
+OUT="$ROOT/gpu_carry" PY=3.12 PRESENT="$ROOT/tools/gpu_node_packages.txt" EXTRAS=test CHECK_ONLY=0 MMCV_WHEELS=""
 while (($#)); do
   case "$1" in
-    --out | --python | --present | --extras | --check) [[ $# -ge 2 ]] || fail "$1 needs a value" "see --help" ;;&
+    --out | --python | --present | --extras | --check | --mmcv-wheels)
+      [[ $# -ge 2 ]] || fail "$1 needs a value" "see --help" ;;&
     --out) OUT="$2"; shift ;;
     --check) OUT="$2"; CHECK_ONLY=1; shift ;;
     --python) PY="$2"; shift ;;
     --present) PRESENT="$2"; shift ;;
     --extras) EXTRAS="$2"; shift ;;
+    --mmcv-wheels) MMCV_WHEELS="$2"; shift ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; fail "unknown option $1" "see the usage above" ;;
   esac
@@ -58,6 +65,20 @@ fi
 if ((!CHECK_ONLY)); then
   rm -rf "$OUT/wheelhouse"  # wheels of an earlier run may be other versions: two of one package stop pip
   bash "$ROOT/tools/make_wheelhouse.sh" --python "$PY" --out "$OUT/wheelhouse" --present "$PRESENT" --extras "$EXTRAS"
+  rm -rf "$OUT/wheels"
+  if [[ -n "$MMCV_WHEELS" ]]; then
+    found=0
+    for flavour in "$MMCV_WHEELS"/cp${PY/./}-*-ops-cuda-*/; do
+      wheel="$(ls "$flavour"mmcv-2.1.0-*.whl 2>/dev/null | head -n 1 || true)"
+      [[ -n "$wheel" ]] || continue
+      mkdir -p "$OUT/wheels/$(basename "$flavour")"
+      cp "$wheel" "$flavour"built-with.txt "$OUT/wheels/$(basename "$flavour")/"
+      say "carrying $(basename "$flavour")/$(basename "$wheel") ($(du -m "$wheel" | cut -f1) MiB)"
+      found=1
+    done
+    ((found)) || fail "no mmcv wheel with CUDA ops for Python $PY in $MMCV_WHEELS" \
+                      "build one with tools/gpu_rehearsal.sh (its DIR/wheels), or leave out --mmcv-wheels"
+  fi
 fi
 
 mib() { echo $((($1 + 1048575) / 1048576)); }
@@ -81,7 +102,9 @@ fi
 say "$OUT: $(mib "$size") MiB (limit $LIMIT_MIB), with the working tree $(mib $((size + tree))) MiB of $TRAVEL_MIB"
 if [[ "$OUT" == "$ROOT"/* ]]; then
   rel="${OUT#"$ROOT"/}"
-  say "carry: [\"$rel\"]; on the node: bash tools/gpu_check.sh --stages 2 --wheelhouse $rel/wheelhouse"
+  cache=""
+  [[ ! -d "$OUT/wheels" ]] || cache="NORM_PLUGINS_WHEEL_CACHE=$rel/wheels "
+  say "carry: [\"$rel\"]; on the node: ${cache}bash tools/gpu_check.sh --stages 2 --wheelhouse $rel/wheelhouse"
 else
   say "to carry it, copy it into the repository under an ignored folder (e.g. gpu_carry/) and name that folder in carry"
 fi

@@ -647,6 +647,12 @@ def _empty_global_batch(rank):
 @pytest.mark.parametrize('sizes', [(1, 3), (2, 0, 3)])
 def test_distributed_estimates_identical_and_sync_matches_concatenated_batch(sizes, tmp_path):
     run_distributed(_distributed_worker, len(sizes), sizes, str(tmp_path))
+    check_distributed_results(tmp_path, sizes)
+
+
+def check_distributed_results(tmp_path, sizes):
+    """The ranks' results of :func:`_distributed_worker` against one process on the whole batch
+    (this process's backend)."""
     results = [torch.load(tmp_path / f'rank{r}.pt') for r in range(len(sizes))]
 
     torch.manual_seed(0)

@@ -2,6 +2,7 @@
 against plain float64 formulas: every shape case (N = 0, N = 1, L = 1, ragged and split rows), NCL
 and channels-last layouts for x and g independently, float32/float16/bfloat16/float64, large
 offsets, torch custom ops and torch.compile."""
+import collections
 import copy
 import math
 import os
@@ -21,11 +22,13 @@ if os.environ.get('TRITON_INTERPRET') != '1':
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import test_batch_channel_norm as bcn_tests  # noqa: E402
+import test_group_switchable_norm as group_sn_tests  # noqa: E402
 import test_switchable_norm as sn_tests  # noqa: E402
 import test_sync_switchable_norm as sync_tests  # noqa: E402
 from norm_plugins import BatchChannelNorm, SwitchableNorm, WSConv2d  # noqa: E402
 from norm_plugins.ops import rowwise, triton_kernels, triton_rowwise  # noqa: E402
 from norm_plugins.ops.backend import use_triton  # noqa: E402
+from norm_plugins.layers.switchable_norm import NORMALIZERS  # noqa: E402
 from norm_plugins.ops.triton_rowwise import make_plan  # noqa: E402
 from norm_plugins.testing import run_distributed  # noqa: E402
 from tools_helpers import REPO  # noqa: E402
@@ -217,10 +220,13 @@ def test_bad_input_names_the_fix():
 
 
 @pytest.mark.parametrize('shape', [(2, 64, 400 * 672), (2, 256, 200 * 336), (16, 256, 56 * 56),
-                                   (4, 3, 1), (1, 1, 10**6), (0, 8, 10), (7, 1000, 3)])
+                                   (4, 3, 1), (1, 1, 10**6), (0, 8, 10), (7, 1000, 3), (2, 256, 25 * 42),
+                                   (2, 256, 13 * 21), (1024, 256, 49)])
 @pytest.mark.parametrize('layout', ['ncl', 'nlc'])
 def test_plan_fills_the_gpu(shape, layout):
-    """The split covers every row exactly once and asks for enough programs to fill 132 SMs."""
+    """The split covers every row exactly once and asks for enough programs to fill 132 SMs, unless
+    its chunks would hold fewer than MIN_CHUNK_ELEMENTS (a combine launch costs more than idle SMs
+    there); the tile pads a row as little as a power of two allows."""
     n, c, length = shape
     strides = (c * length, length, 1) if layout == 'ncl' else (c * length, 1, c)
     plan = make_plan(shape, strides, 132)
@@ -231,11 +237,30 @@ def test_plan_fills_the_gpu(shape, layout):
     programs = n * math.ceil(c / plan.block_c) * plan.split
     # Whole tiles per chunk may round the split down, never below half the target.
     groups = n * math.ceil(c / plan.block_c)
-    assert 2 * programs >= min(4 * 132, groups * tiles) or plan.split == triton_rowwise.MAX_SPLIT
+    worth_splitting = max(1, plan.block_c * length // triton_rowwise.MIN_CHUNK_ELEMENTS)
+    assert 2 * programs >= min(4 * 132, groups * tiles, groups * worth_splitting) \
+        or plan.split == triton_rowwise.MAX_SPLIT
+    assert plan.block_c * plan.chunk >= min(triton_rowwise.MIN_CHUNK_ELEMENTS, plan.block_c * length) \
+        or plan.split == 1
     if layout == 'nlc' and c > 1 and length > 1:
         assert plan.block_c > 1, 'channels-last tiles must run along the contiguous channels'
     if (n, c, length) == (2, 64, 400 * 672):
         assert plan.split > 1
+    if layout == 'ncl' and length > 1:
+        padded = {w: math.ceil(length / w) * w for w in (2**k for k in range(5, 12))}
+        assert math.ceil(length / plan.block_l) * plan.block_l <= max(length * 9 / 8, min(padded.values()))
+    if layout == 'ncl' and (n, c, length) in ((2, 256, 25 * 42), (2, 256, 13 * 21)):
+        assert plan.split == 1, 'the small FPN levels take one launch per pass'
+
+
+def test_fit_tile_pads_fpn_levels_little():
+    """L = 1050 (P5 of 800x1344) and 273 (P6) in power-of-two tiles padding under 1/8, not in one
+    2048- or 512-wide tile that is mostly masked."""
+    assert triton_rowwise.fit_tile(1050, 2048) == 128  # 9 tiles, 1152 positions
+    assert triton_rowwise.fit_tile(273, 2048) == 32  # 9 tiles, 288
+    assert triton_rowwise.fit_tile(67200, 2048) == 2048
+    assert triton_rowwise.fit_tile(49, 2048) == 64  # no power of two pads 49 by under 1/8: least padding
+    assert triton_rowwise.fit_tile(3, 2048) == 4
 
 
 def test_dispatch_from_rowwise(monkeypatch, launches):
@@ -359,6 +384,15 @@ def check_layer_on_kernels(step, layer, shape, channels_last=False, dtype=torch.
             assert_all_close(got, step(exact, x.double(), g.double(), 'torch'), 1e-5)
 
 
+class GivenRatioSN(SwitchableNorm):
+    """SN handing its function softmaxed ratios with their own gradients, as sparse SN hands over
+    SparsestMax's (``mixing_inputs`` with ``are_logits=False``)."""
+
+    def mixing_inputs(self):
+        var = None if self.var_weight is None else self.var_weight.softmax(-1)
+        return self.mean_weight.softmax(-1), var, False
+
+
 SN_CONFIGS = {
     'default': {},
     'in-ln': dict(normalizers=('in', 'ln')),
@@ -368,14 +402,52 @@ SN_CONFIGS = {
     'unbiased': dict(unbiased_instance_var=True),
     'no-affine': dict(affine=False),
     'no-running-stats': dict(track_running_stats=False, momentum=None),
+    'cumulative': dict(momentum=None),
+    'groups': dict(ratio_groups=2),
+    'groups-tied-in-bn': dict(ratio_groups=4, tied=True, normalizers=('in', 'bn')),
+    'given-ratios': dict(cls=GivenRatioSN),
+    'given-ratios-groups': dict(cls=GivenRatioSN, ratio_groups=2, unbiased_instance_var=True),
 }
+
+
+def make_sn(config):
+    options = {'momentum': 0.3, **SN_CONFIGS[config]}
+    layer = options.pop('cls', SwitchableNorm)(4, **options)
+    return sn_tests.randomized(layer)
 
 
 @pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
 @pytest.mark.parametrize('config', list(SN_CONFIGS))
 def test_switchable_norm_on_kernels(layer_step, config, channels_last):
-    layer = sn_tests.randomized(SwitchableNorm(4, **{'momentum': 0.3, **SN_CONFIGS[config]}))
-    check_layer_on_kernels(layer_step, layer, (2, 4, 3, 5), channels_last)
+    check_layer_on_kernels(layer_step, make_sn(config), (2, 4, 3, 5), channels_last)
+
+
+@pytest.mark.parametrize('selected', ['in', 'ln', 'bn'])
+def test_single_selection_on_kernels(layer_step, selected):
+    """A hardened layer selecting one normalizer everywhere runs on that normalizer's statistics
+    alone, on the kernels as on the torch path."""
+    layer = SwitchableNorm(4, ratio_groups=2, hard_ratios=True)
+    with torch.no_grad():
+        for logits in layer._mixture_logits().values():
+            logits.fill_(-1e4)[:, NORMALIZERS.index(selected)] = 0
+    layer.load_state_dict(layer.state_dict())
+    assert layer._selected_normalizer() == selected
+    check_layer_on_kernels(layer_step, layer, (2, 4, 3, 5))
+
+
+def test_empty_batch_on_kernels(monkeypatch):
+    """N = 0 on the kernels: empty outputs and gradients, running statistics, estimates and the
+    batch counter untouched."""
+    monkeypatch.setenv('NORM_PLUGINS_BACKEND', 'triton')
+    for layer in (SwitchableNorm(4), BatchChannelNorm(4, num_groups=2),
+                  BatchChannelNorm(4, num_groups=2, estimate=True, update_rate=0.5)):
+        before = {name: b.clone() for name, b in layer.named_buffers()}
+        x = torch.randn(0, 4, 3, 5, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape
+        for name, b in layer.named_buffers():
+            assert torch.equal(b, before[name]), (type(layer).__name__, name)
 
 
 @pytest.mark.parametrize('shape', [(3, 4, 7), (2, 4, 3, 2, 3), (3, 4, 1, 1), (1, 4, 3, 5)],
@@ -429,6 +501,39 @@ def test_sync_switchable_norm_on_kernels(monkeypatch, tmp_path):
         sync_tests.check_against_sn(tmp_path, sizes, unbiased)
 
 
+def _bcn_rank_on_kernels(rank, world, sizes, out_dir):
+    assert use_triton(torch.zeros(1))
+    bcn_tests._distributed_worker(rank, world, sizes, out_dir)
+
+
+@pytest.mark.slow
+def test_synchronized_bcn_on_kernels(monkeypatch, tmp_path):
+    """Micro-batch estimates and synchronized large-batch BCN on the kernels over gloo, with an empty
+    rank, equal BCN on the concatenated batch (the torch path); empty global batches change
+    nothing; no host synchronization."""
+    sizes = (2, 0, 3)
+    monkeypatch.setenv('NORM_PLUGINS_BACKEND', 'triton')
+    run_distributed(_bcn_rank_on_kernels, len(sizes), sizes, str(tmp_path))
+    monkeypatch.setenv('NORM_PLUGINS_BACKEND', 'torch')
+    bcn_tests.check_distributed_results(tmp_path, sizes)
+
+
+def _group_sn_rank_on_kernels(rank, world, sizes, out_dir):
+    assert use_triton(torch.zeros(1))
+    group_sn_tests.sync_rank(rank, world, sizes, out_dir)
+
+
+@pytest.mark.slow
+def test_synchronized_group_sn_on_kernels(monkeypatch, tmp_path):
+    """SyncSN with three ratio groups on the kernels over gloo, unequal and empty ranks, equals group
+    SN on the concatenated batch (the torch path)."""
+    sizes = (1, 0, 2)
+    monkeypatch.setenv('NORM_PLUGINS_BACKEND', 'triton')
+    run_distributed(_group_sn_rank_on_kernels, len(sizes), sizes, str(tmp_path))
+    monkeypatch.setenv('NORM_PLUGINS_BACKEND', 'torch')
+    group_sn_tests.check_sync_against_sn(tmp_path, sizes)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('backend', ['auto', 'triton'])
 def test_torch_compile_of_layers(monkeypatch, launches, backend):
@@ -471,9 +576,12 @@ def test_torch_compile_of_layers(monkeypatch, launches, backend):
 @pytest.mark.slow
 def test_kernels_compile_for_hopper_without_spills():
     """The interpreter runs the kernels as Python; tools/triton_kernels_report.py compiles them for
-    sm_90 (no GPU needed) in a process without it: all four compile in both layouts and float32
-    and bfloat16, none spills, every load of x or g is 16 bytes wide and so is every store of y or
-    dx."""
+    sm_90 (no GPU needed) in a process without it, as the layers launch them at the FPN levels P2,
+    P4, P5 and P6 in both layouts, float32 and bfloat16, plus the coefficient kernels: every launch
+    compiles, none spills or needs more than 128 registers, and x, g, y and dx are accessed as wide
+    as their rows' alignment allows: 16 bytes for channels-last and for NCL rows of L a multiple of
+    16 (P2) or of 8 (P4, through ROW_ALIGN), 8 bytes of float32 for P5 (L = 1050 = 2 x 525), one
+    element for P6 (L = 273, odd)."""
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     # The tree under test, whether or not norm_plugins is installed (stage 1 of gpu_check.sh installs nothing).
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
@@ -484,8 +592,23 @@ def test_kernels_compile_for_hopper_without_spills():
     header = [cell.strip() for cell in lines[0].strip('|').split('|')]
     rows = [dict(zip(header, (cell.strip() for cell in line.strip('|').split('|'))))
             for line in lines[2:]]  # after the header and the separator
-    assert len(rows) == 4 * 2 * 2
+    passes = {'moments_kernel', 'grad_sums_kernel', 'normalize_kernel', 'normalize_backward_kernel'}
+    by_kernel = collections.Counter(row['kernel'] for row in rows)
+    assert all(by_kernel[name] == 4 * 2 * 2 for name in passes), by_kernel
+    assert {'sn_forward_kernel', 'sn_channel_grad_kernel', 'sn_sample_grad_kernel', 'sn_ratio_grad_kernel',
+            'batch_sums_kernel', 'bcn_forward_kernel', 'bcn_sample_grad_kernel', 'bcn_channel_grad_kernel',
+            'bcn_batch_terms_kernel'} <= set(by_kernel)
+    element_bits = {'float32': 32, 'bfloat16': 16}
+    LEVELS = {'P2': 200 * 336, 'P4': 50 * 84, 'P5': 25 * 42, 'P6': 13 * 21}
     for row in rows:
-        assert row['stack'] == '0' and row['load bits'] == '128', row
+        assert row['stack'] == '0' and int(row['registers']) <= 128, row
+        if row['kernel'] not in passes:
+            continue
+        alignment = math.gcd(16, LEVELS[row['level']])  # elements, as far as Triton can use it
+        expected = 128 if row['layout'] == 'channels-last' else min(128, alignment * element_bits[row['dtype']])
+        # Every pass but the moments also loads float32 (N, C) coefficients, one per row.
+        coefficient_bits = 0 if row['kernel'] == 'moments_kernel' else 32
+        assert int(row['load bits']) == max(expected, coefficient_bits), row
         if row['kernel'].startswith('normalize'):
-            assert row['store bits'] == '128', row
+            assert int(row['store bits']) == expected, row
+    assert {row['ROW_ALIGN'] for row in rows if row['level'] == 'P4' and row['layout'] == 'ncl'} == {'8'}

@@ -19,8 +19,8 @@ from torch import Tensor
 
 BACKENDS = ('auto', 'triton', 'torch')
 ENV_VAR = 'NORM_PLUGINS_BACKEND'
-# Context-manager factories entered around every Triton launch, called with the kernel and its grid
-# (:mod:`norm_plugins.ops.launch_count` counts launches with one).
+# Context-manager factories entered around every Triton launch, called with the kernel, its grid,
+# positional arguments and keyword (constexpr and launch) options; see triton_rowwise.launch.
 LAUNCH_LISTENERS: List[Callable] = []
 
 

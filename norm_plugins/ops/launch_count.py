@@ -24,13 +24,16 @@ NO_LAUNCH = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, at
              aten.sym_numel, aten.sym_storage_offset, aten.is_same_size, aten.is_contiguous}
 # Ops whose result the host waits for.
 SYNCS = {aten._local_scalar_dense, aten.is_nonzero, aten.equal, aten.nonzero, aten.masked_select, aten.allclose}
+COLLECTIVE_NAMESPACES = ('c10d', '_c10d_functional')
 
 
 class Launches(NamedTuple):
-    """ATen ops that launch kernels (by name), Triton launches (by kernel) and host syncs."""
+    """ATen ops that launch kernels (by name), Triton launches (by kernel), host syncs and
+    collectives (all-reduces of synchronized layers, counted apart from the launches)."""
     aten: Counter
     triton: Counter
     syncs: int
+    collectives: int
 
     @property
     def total(self) -> int:
@@ -43,19 +46,22 @@ class _Counting(TorchDispatchMode):
         self.aten: Counter = collections.Counter()
         self.triton: Counter = collections.Counter()
         self.syncs = 0
+        self.collectives = 0
         self._in_launch = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not self._in_launch:
             packet = func.overloadpacket
-            if packet in SYNCS:
+            if func.namespace in COLLECTIVE_NAMESPACES:
+                self.collectives += 1
+            elif packet in SYNCS:
                 self.syncs += 1
             elif packet not in NO_LAUNCH and not func.is_view:
                 self.aten[packet.__name__] += 1
         return func(*args, **(kwargs or {}))
 
     @contextlib.contextmanager
-    def triton_launch(self, kernel, grid):
+    def triton_launch(self, kernel, grid, args, options):
         self.triton[getattr(kernel, '__name__', None) or kernel.fn.__name__] += 1
         self._in_launch += 1
         try:
@@ -73,4 +79,4 @@ def count_launches(fn: Callable[[], object]) -> Launches:
             fn()
     finally:
         LAUNCH_LISTENERS.remove(counting.triton_launch)
-    return Launches(counting.aten, counting.triton, counting.syncs)
+    return Launches(counting.aten, counting.triton, counting.syncs, counting.collectives)

@@ -12,7 +12,8 @@ between these passes, which stays in torch::
 ``M`` is a per-row centre (for example the mixed mean); the centred forms keep full precision when
 |mean| / std is large, where ``x * A + B`` cancels. (N, C) arguments and results are in the
 accumulation dtype (float32, float64 for float64 inputs); tensor results have x's dtype and memory
-layout. ``x`` and ``g`` may be NCL-contiguous or channels-last (stride 1 along C), independently.
+layout. ``x`` and ``g`` may have any (N, C, L) strides, independently; NCL-contiguous and
+channels-last ones (stride 1 along C) take the torch path's fastest CPU kernels.
 
 Each function dispatches on :func:`norm_plugins.ops.backend.use_triton`: the Triton kernels for CUDA
 tensors (or any tensor with ``NORM_PLUGINS_BACKEND=triton``), the torch implementation otherwise.
@@ -30,12 +31,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def as_rows(x: Tensor) -> Tensor:
-    """x (N, C, *spatial) as (N, C, L) without a copy for NCHW-contiguous and channels-last inputs."""
-    rows = x.flatten(2)
-    n, c, length = rows.shape
-    channels_last = rows.stride(1) == 1 and (length == 1 or rows.stride(2) == c) and \
-        (n == 1 or rows.stride(0) == c * length)
-    return rows if channels_last or rows.is_contiguous() else rows.contiguous()
+    """x (N, C, *spatial) as (N, C, L), a view whenever the spatial dimensions merge (NCHW- or
+    channels-last-contiguous inputs, and slices of them such as a channel split): the kernels take
+    any strides, and the torch path's plain formulas too, so nothing is copied or saved twice."""
+    return x.flatten(2)
 
 
 def shaped_like(rows: Tensor, x: Tensor) -> Tensor:

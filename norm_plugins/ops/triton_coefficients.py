@@ -42,8 +42,10 @@ def _and(mask, flag):
 def _column(base, col: tl.constexpr, mask, missing: tl.constexpr, BLOCK: tl.constexpr, ty: tl.constexpr):
     """Column ``col`` of the (G, K) rows at ``base`` (one per channel), or ``missing`` when unused."""
     if col >= 0:
-        return tl.load(base + col, mask=mask, other=0.).to(ty)
-    return tl.full([BLOCK], missing, ty)
+        values = tl.load(base + col, mask=mask, other=0.).to(ty)
+    else:
+        values = tl.full([BLOCK], missing, ty)
+    return values
 
 
 @triton.jit
@@ -72,8 +74,10 @@ def _ratios(mix_ptr, cs, mask, group_size, K: tl.constexpr, COL_IN: tl.constexpr
 def _unbiased_factor(L, acc_ty: tl.constexpr, UNBIASED: tl.constexpr):
     """k = L / (L - 1) for the authors' unbiased instance variance (1 for L = 1 or biased)."""
     if UNBIASED:
-        return tl.where(L > 1, L.to(acc_ty) / tl.maximum(L - 1, 1).to(acc_ty), 1.)
-    return 1.
+        k = tl.where(L > 1, L.to(acc_ty) / tl.maximum(L - 1, 1).to(acc_ty), 1.)
+    else:
+        k = tl.full([], 1., acc_ty)
+    return k
 
 
 @triton.jit
@@ -237,12 +241,15 @@ def _sn_bn_constants(bn_ptr, rmean_ptr, rvar_ptr, cs, mask, C, acc_ty: tl.conste
                      BN_MODE: tl.constexpr, BLOCK_C: tl.constexpr):
     """The BN moments forward used: this batch's (saved), the running ones, or none."""
     if BN_MODE == 1:
-        return (tl.load(bn_ptr + cs, mask=mask, other=0.).to(acc_ty),
-                tl.load(bn_ptr + C + cs, mask=mask, other=0.).to(acc_ty))
-    if BN_MODE == 2:
-        return (tl.load(rmean_ptr + cs, mask=mask, other=0.).to(acc_ty),
-                tl.load(rvar_ptr + cs, mask=mask, other=0.).to(acc_ty))
-    return tl.zeros([BLOCK_C], acc_ty), tl.zeros([BLOCK_C], acc_ty)
+        mean = tl.load(bn_ptr + cs, mask=mask, other=0.).to(acc_ty)
+        var = tl.load(bn_ptr + C + cs, mask=mask, other=0.).to(acc_ty)
+    elif BN_MODE == 2:
+        mean = tl.load(rmean_ptr + cs, mask=mask, other=0.).to(acc_ty)
+        var = tl.load(rvar_ptr + cs, mask=mask, other=0.).to(acc_ty)
+    else:
+        mean = tl.zeros([BLOCK_C], acc_ty)
+        var = tl.zeros([BLOCK_C], acc_ty)
+    return mean, var
 
 
 @triton.jit
@@ -358,7 +365,9 @@ def _softmax_grad(r_in, r_ln, r_bn, d_in, d_ln, d_bn, LOGITS: tl.constexpr):
     """d logits = r (d r - sum_j r_j d r_j) for softmaxed ratios; given ratios pass through."""
     if LOGITS:
         dot = r_in * d_in + r_ln * d_ln + r_bn * d_bn
-        return r_in * (d_in - dot), r_ln * (d_ln - dot), r_bn * (d_bn - dot)
+        d_in = r_in * (d_in - dot)
+        d_ln = r_ln * (d_ln - dot)
+        d_bn = r_bn * (d_bn - dot)
     return d_in, d_ln, d_bn
 
 
@@ -387,12 +396,13 @@ def sn_ratio_grad_kernel(part_ptr, mix_m_ptr, mix_v_ptr, dmix_m_ptr, dmix_v_ptr,
         mask = (c0 + tl.arange(0, BLOCK_C) < group_size)[:, None] & (columns < 6)[None, :]
         totals += tl.load(part_ptr + cs[:, None] * 6 + columns[None, :], mask=mask, other=0.)
     d = tl.sum(totals, 0)
-    d_m_in = tl.sum(tl.where(columns == 0, d, 0.), 0)
-    d_m_ln = tl.sum(tl.where(columns == 1, d, 0.), 0)
-    d_m_bn = tl.sum(tl.where(columns == 2, d, 0.), 0)
-    d_v_in = tl.sum(tl.where(columns == 3, d, 0.), 0)
-    d_v_ln = tl.sum(tl.where(columns == 4, d, 0.), 0)
-    d_v_bn = tl.sum(tl.where(columns == 5, d, 0.), 0)
+    # Each as a [1] tensor, like the ratios of the group's first channel below.
+    d_m_in = tl.sum(tl.where(columns == 0, d, 0.), 0, keep_dims=True)
+    d_m_ln = tl.sum(tl.where(columns == 1, d, 0.), 0, keep_dims=True)
+    d_m_bn = tl.sum(tl.where(columns == 2, d, 0.), 0, keep_dims=True)
+    d_v_in = tl.sum(tl.where(columns == 3, d, 0.), 0, keep_dims=True)
+    d_v_ln = tl.sum(tl.where(columns == 4, d, 0.), 0, keep_dims=True)
+    d_v_bn = tl.sum(tl.where(columns == 5, d, 0.), 0, keep_dims=True)
     first = g * group_size + tl.arange(0, 1)
     rm_in, rm_ln, rm_bn = _ratios(mix_m_ptr, first, first >= 0, group_size, K, COL_IN, COL_LN, COL_BN, LOGITS, 1, acc_ty)
     if TIED:
@@ -416,18 +426,21 @@ def _bcn_channel_stats(sums_ptr, mean_ptr, var_ptr, rate_ptr, cs, mask, C, MODE:
     the sums by :func:`batch_sums_kernel`) toward the batch mean and the mean squared distance from
     the previous estimated mean, at rate r; a batch without elements keeps them."""
     if MODE == 1:
-        return _batch_moments(sums_ptr, cs, mask, C)
-    if MODE == 2:
-        return (tl.load(mean_ptr + cs, mask=mask, other=0.).to(tl.float64),
-                tl.load(var_ptr + cs, mask=mask, other=1.).to(tl.float64))
-    count = tl.load(sums_ptr + 2 * C)
-    total = tl.maximum(count, 1.)
-    old_mean = tl.load(sums_ptr + 2 * C + 1 + cs, mask=mask, other=0.)
-    old_var = tl.load(sums_ptr + 3 * C + 1 + cs, mask=mask, other=1.)
-    rate = tl.load(rate_ptr).to(tl.float64)
-    mean = _lerp(old_mean, tl.load(sums_ptr + cs, mask=mask, other=0.) / total, rate)
-    var = _lerp(old_var, tl.load(sums_ptr + C + cs, mask=mask, other=0.) / total, rate)
-    return tl.where(count > 0, mean, old_mean), tl.where(count > 0, var, old_var)
+        mean, var = _batch_moments(sums_ptr, cs, mask, C)
+    elif MODE == 2:
+        mean = tl.load(mean_ptr + cs, mask=mask, other=0.).to(tl.float64)
+        var = tl.load(var_ptr + cs, mask=mask, other=1.).to(tl.float64)
+    else:
+        count = tl.load(sums_ptr + 2 * C)
+        total = tl.maximum(count, 1.)
+        old_mean = tl.load(sums_ptr + 2 * C + 1 + cs, mask=mask, other=0.)
+        old_var = tl.load(sums_ptr + 3 * C + 1 + cs, mask=mask, other=1.)
+        rate = tl.load(rate_ptr).to(tl.float64)
+        mean = _lerp(old_mean, tl.load(sums_ptr + cs, mask=mask, other=0.) / total, rate)
+        var = _lerp(old_var, tl.load(sums_ptr + C + cs, mask=mask, other=0.) / total, rate)
+        mean = tl.where(count > 0, mean, old_mean)
+        var = tl.where(count > 0, var, old_var)
+    return mean, var
 
 
 @triton.jit

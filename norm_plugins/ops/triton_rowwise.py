@@ -2,11 +2,13 @@
 row-wise passes of :mod:`norm_plugins.ops.rowwise`, whose torch path is the reference.
 
 Tiles: the tile's fast axis follows x's unit stride (positions for NCL-contiguous x, channels for
-channels-last x), which keeps loads coalesced for either layout.
+channels-last x), which keeps loads coalesced for either layout. Its width along that axis is the
+power of two that fits the row with least padding (:func:`fit_tile`): a row of L = 1050 (P5 of
+800x1344) takes 9 tiles of 128 positions, not one of 2048 that is half masked.
 
 Filling the GPU: with few long rows (2x64x400x672 is 128 rows of 268,800) one program per row
 leaves most SMs idle, so :func:`make_plan` cuts every row into ``split`` chunks, enough for about
-``PROGRAMS_PER_SM`` programs per SM. The reductions then write per-chunk partials (mean and M2, or
+``PROGRAMS_PER_SM`` programs per SM, each of at least ``MIN_CHUNK_ELEMENTS``. The reductions then write per-chunk partials (mean and M2, or
 plain sums; the counts follow from the plan) and one tiny launch merges them by Chan's formula; with
 one chunk per row the reduction kernel writes the result itself.
 
@@ -20,6 +22,7 @@ a GPU.
 """
 import contextlib
 import functools
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -32,10 +35,23 @@ from .rowwise import accumulation_dtype
 
 # A tile of 2048 elements: 16 per thread at 4 warps (8 KB of float32 per load).
 TILE = 2048
+# Tiles of rows narrower than 256 hold 1024 elements: every row a thread touches brings its (N, C)
+# coefficients into registers, and at 2048 a P6 row tile (64x32) needed 236 registers per thread
+# in tools/triton_kernels_report.py (120 at 32x32).
+NARROW_TILE = 1024
 NUM_WARPS = 4
 # Channels per tile when C is the unit-stride axis: 64 float32 are 256 contiguous bytes.
 MAX_BLOCK_C_CHANNELS_LAST = 64
+# The narrowest tile along the unit-stride axis: 32 float32 are one 128-byte line.
+MIN_TILE_WIDTH = 32
+# A tile width may pad a row by up to this fraction before a narrower one is preferred.
+PADDING_ALLOWED = 1 / 8
+# A sample of this many elements or more needs 64-bit indices.
+INT32_LIMIT = 2**31
 PROGRAMS_PER_SM = 4
+# Rows are split only into chunks of at least this many elements: below it the combine launch
+# costs more than the idle SMs (FPN levels from P4 down are never split).
+MIN_CHUNK_ELEMENTS = 16384
 # Without a CUDA device (the interpreter), plan as for an H100 so the tests run the GPU's plans.
 DEFAULT_SM_COUNT = 132
 MAX_SPLIT = 512
@@ -45,12 +61,15 @@ def launch(kernel, grid, device: torch.device, *args, num_warps: int = NUM_WARPS
     """Launch ``kernel`` over ``grid`` on ``device``: Triton launches on the current CUDA device and
     stream, so a tensor on another device gets a guard that makes its device current. FP fusion is
     pinned on (Triton 3.10 turns its default off): the kernels rely on fused multiply-adds rounding
-    ``(x - M) * A + B`` once."""
+    ``(x - M) * A + B`` once. Listeners (:data:`~norm_plugins.ops.backend.LAUNCH_LISTENERS`) are
+    entered around it; one whose context yields ``False`` keeps the kernel from running."""
+    constexprs = dict(constexprs, num_warps=num_warps)
     with contextlib.ExitStack() as listening:
-        for listener in LAUNCH_LISTENERS:
-            listening.enter_context(listener(kernel, grid))
-        with _device_guard(device):
-            kernel[grid](*args, num_warps=num_warps, enable_fp_fusion=True, **constexprs)
+        answers = [listening.enter_context(listener(kernel, grid, args, constexprs))
+                   for listener in LAUNCH_LISTENERS]
+        if False not in answers:
+            with _device_guard(device):
+                kernel[grid](*args, enable_fp_fusion=True, **constexprs)
 
 
 def _device_guard(device: torch.device):
@@ -77,18 +96,46 @@ def make_plan(shape: Tuple[int, int, int], strides: Tuple[int, int, int], sm_cou
     if block_c is None or block_l is None:
         if c > 1 and length > 1 and strides[1] < strides[2]:
             # C is the faster axis (channels-last): the tile spans channels first.
-            block_c = min(triton.next_power_of_2(c), MAX_BLOCK_C_CHANNELS_LAST)
+            block_c = fit_tile(c, MAX_BLOCK_C_CHANNELS_LAST)
             block_l = min(triton.next_power_of_2(length), TILE // block_c)
         else:
-            block_l = min(triton.next_power_of_2(length), TILE)
-            block_c = min(triton.next_power_of_2(c), TILE // block_l)
+            block_l = fit_tile(length, TILE)
+            block_c = min(triton.next_power_of_2(c), (TILE if block_l >= 256 else NARROW_TILE) // block_l)
     tiles = triton.cdiv(length, block_l)
     if split is None:
         groups = n * triton.cdiv(c, block_c)
         split = max(1, triton.cdiv(sm_count * PROGRAMS_PER_SM, max(groups, 1)))
+        split = min(split, max(1, block_c * length // MIN_CHUNK_ELEMENTS))
     split = max(1, min(split, tiles, MAX_SPLIT))
     chunk = triton.cdiv(tiles, split) * block_l
     return Plan(block_c, block_l, triton.cdiv(length, chunk), chunk)
+
+
+def fit_tile(size: int, widest: int) -> int:
+    """The power-of-two tile width for rows of ``size``: the widest up to ``widest`` that pads a row
+    by at most :data:`PADDING_ALLOWED`, else the one that pads least (at least
+    :data:`MIN_TILE_WIDTH`, or the row itself when it is shorter)."""
+    widest = min(widest, triton.next_power_of_2(size))
+    narrowest = min(MIN_TILE_WIDTH, widest)
+    widths = [w for w in (widest >> shift for shift in range(widest.bit_length())) if w >= narrowest]
+    padded = {w: triton.cdiv(size, w) * w for w in widths}
+    fitting = [w for w in widths if padded[w] <= size * (1 + PADDING_ALLOWED)]
+    return fitting[0] if fitting else min(widths, key=lambda w: (padded[w], -w))
+
+
+def index_flags(*tensors: Tensor) -> dict:
+    """The kernels' INT64 and ROW_ALIGN launch flags for the full-size (N, C, L) tensors of a launch
+    (see :mod:`norm_plugins.ops.triton_kernels`)."""
+    extent = max(sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+                 for t in tensors)
+    row_align = 1
+    if all(t.shape[2] == 1 or t.stride(2) == 1 for t in tensors):
+        common = math.gcd(16, tensors[0].shape[2])  # the row ends are masked at L
+        for t in tensors:
+            common = math.gcd(common, t.stride(0), t.stride(1))
+        row_align = common & -common  # its largest power-of-two divisor
+    # 16 is what Triton's own specialization already knows: no hint, and one variant less.
+    return dict(INT64=extent >= INT32_LIMIT, ROW_ALIGN=row_align if row_align < 16 else 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,8 +165,8 @@ def _grid(n: int, c: int, plan: Plan) -> Tuple[int, int]:
     return n * triton.cdiv(c, plan.block_c), plan.split
 
 
-def _reduce(kernel, inputs, strides, x: Tensor, out_dtype: torch.dtype, plan: Plan,
-            moments: bool) -> Tuple[Tensor, Tensor]:
+def _reduce(kernel, inputs, strides, x: Tensor, out_dtype: torch.dtype, plan: Plan, moments: bool,
+            flags: dict) -> Tuple[Tensor, Tensor]:
     """Launches a reduction kernel and, for split rows, the combine kernel: two (N, C) results."""
     n, c, length = x.shape
     out1 = x.new_empty((n, c), dtype=out_dtype)
@@ -127,7 +174,7 @@ def _reduce(kernel, inputs, strides, x: Tensor, out_dtype: torch.dtype, plan: Pl
     final = plan.split == 1
     part = out1 if final else x.new_empty((2, n * c, plan.split), dtype=out_dtype)
     launch(kernel, _grid(n, c, plan), x.device, *inputs, out1, out2, part, n * c, c, length, plan.chunk,
-           *strides, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, FINAL=final)
+           *strides, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, FINAL=final, **flags)
     if not final:
         block_s = triton.next_power_of_2(plan.split)
         block_r = min(triton.next_power_of_2(n * c), max(1, TILE // block_s))
@@ -149,8 +196,8 @@ def row_moments_impl(x: Tensor, plan: Optional[Plan] = None) -> Tuple[Tensor, Te
     acc = accumulation_dtype(x.dtype)
     if x.numel() == 0:  # zeros for rows of no values, as rowwise's torch path gives
         return x.new_zeros((n, c), dtype=acc), x.new_zeros((n, c), dtype=acc)
-    return _reduce(kernels.moments_kernel, (x,), x.stride(), x, acc, plan or plan_for(x),
-                   moments=True)
+    return _reduce(kernels.moments_kernel, (x,), x.stride(), x, acc, plan or plan_for(x), True,
+                   index_flags(x))
 
 
 def row_grad_sums_impl(grad: Tensor, x: Tensor, centre: Tensor,
@@ -162,7 +209,7 @@ def row_grad_sums_impl(grad: Tensor, x: Tensor, centre: Tensor,
     (centre,), centre_strides = _coefficients(n, c, centre)
     strides = (*grad.stride(), *x.stride(), *centre_strides)
     return _reduce(kernels.grad_sums_kernel, (grad, x, centre), strides, x, centre.dtype,
-                   plan or plan_for(x), moments=False)
+                   plan or plan_for(x), False, index_flags(grad, x))
 
 
 def row_normalize_impl(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor,
@@ -175,7 +222,7 @@ def row_normalize_impl(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor,
     coefficients, strides = _coefficients(n, c, centre, scale, shift)
     launch(kernels.normalize_kernel, _grid(n, c, plan), x.device,
            x, y, *coefficients, c, length, plan.chunk, *x.stride(), *y.stride(), *strides,
-           BLOCK_C=plan.block_c, BLOCK_L=plan.block_l)
+           BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, **index_flags(x, y))
     return y
 
 
@@ -191,7 +238,7 @@ def row_normalize_backward_impl(grad: Tensor, x: Tensor, centre: Tensor, a: Tens
     launch(kernels.normalize_backward_kernel, _grid(n, c, plan), x.device,
            grad, x, dx, *coefficients, c, length, plan.chunk,
            *grad.stride(), *x.stride(), *dx.stride(), *strides,
-           BLOCK_C=plan.block_c, BLOCK_L=plan.block_l)
+           BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, **index_flags(grad, x, dx))
     return dx
 
 

@@ -366,8 +366,8 @@ def _main(argv: Sequence[str]) -> int:
     commands.add_parser('check-ops', help='run mmcv.ops.roi_align where the ops can run').add_argument('ops')
     commands.add_parser('record-system-cv2', help='record a system cv2 as opencv-python').add_argument(
         'site', type=Path)
-    commands.add_parser('link-system-site', help="let a --system-site-packages venv see this venv's packages").add_argument(
-        'venv_site', type=Path)
+    commands.add_parser('link-system-site', help="let a --system-site-packages venv see this venv's "
+                        'packages').add_argument('venv_site', type=Path)
     commands.add_parser('build-pins', help='print the build tools of mmcv, one per line')
     commands.add_parser('torch-pins', help='print pins of the installed torch (and triton), for pip -c')
     wheelhouse = commands.add_parser('wheelhouse-requirements', help='print what a wheelhouse holds, one per line')

@@ -18,11 +18,11 @@ Two launch flags keep addressing right and wide:
 
 - ``INT64``: channel and position indices are 64-bit before they meet a stride, for a sample of
   2^31 elements or more (32-bit products would wrap); sample offsets are always 64-bit.
-- ``ROW_ALIGN``: when every full-size tensor of the launch has unit stride along L, the largest
-  power of two below 16 that divides L and their other strides (1 otherwise, and when 16 does:
-  Triton's specialization knows divisibility by 16 itself). Without this hint rows of L = 4200
-  (P4 of 800x1344) would load 4 bytes at a time although they start 16-byte aligned; with it they
-  load 16 bytes (float32).
+- ``ROW_ALIGN``: when every full-size tensor of the launch has unit stride along L, and L and their
+  other strides are multiples of a 16-byte vector's elements (4 float32, 8 bfloat16) but not of 16,
+  that vector's length (1 otherwise: Triton's specialization knows divisibility by 16 itself, and
+  shorter vectors are not worth a variant). Without this hint rows of L = 4200 (P4 of 800x1344)
+  would load 4 bytes at a time although they start 16-byte aligned; with it they load 16.
 """
 import triton
 import triton.language as tl

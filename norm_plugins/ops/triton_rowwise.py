@@ -112,12 +112,13 @@ def make_plan(shape: Tuple[int, int, int], strides: Tuple[int, int, int], sm_cou
 
 
 def fit_tile(size: int, widest: int) -> int:
-    """The power-of-two tile width for rows of ``size``: the widest up to ``widest`` that pads a row
-    by at most :data:`PADDING_ALLOWED`, else the one that pads least (at least
-    :data:`MIN_TILE_WIDTH`, or the row itself when it is shorter)."""
-    widest = min(widest, triton.next_power_of_2(size))
-    narrowest = min(MIN_TILE_WIDTH, widest)
-    widths = [w for w in (widest >> shift for shift in range(widest.bit_length())) if w >= narrowest]
+    """The tile width for rows of ``size``: among ``widest``, a quarter of it, a sixteenth, ... (at
+    least :data:`MIN_TILE_WIDTH`; a row shorter than that gets its next power of two), the widest
+    that pads a row by at most :data:`PADDING_ALLOWED`, else the one that pads least. Steps of four
+    rather than two keep the number of compiled variants down."""
+    if size <= MIN_TILE_WIDTH:
+        return triton.next_power_of_2(size)
+    widths = [w for w in (widest >> shift for shift in range(0, widest.bit_length(), 2)) if w >= MIN_TILE_WIDTH]
     padded = {w: triton.cdiv(size, w) * w for w in widths}
     fitting = [w for w in widths if padded[w] <= size * (1 + PADDING_ALLOWED)]
     return fitting[0] if fitting else min(widths, key=lambda w: (padded[w], -w))
@@ -130,12 +131,14 @@ def index_flags(*tensors: Tensor) -> dict:
                  for t in tensors)
     row_align = 1
     if all(t.shape[2] == 1 or t.stride(2) == 1 for t in tensors):
+        # A hint only where it makes whole 16-byte vectors and Triton's own divisibility-by-16
+        # specialization does not: one extra variant per kernel and dtype, not one per divisor.
+        vector = 16 // min(t.element_size() for t in tensors)
         common = math.gcd(16, tensors[0].shape[2])  # the row ends are masked at L
         for t in tensors:
             common = math.gcd(common, t.stride(0), t.stride(1))
-        row_align = common & -common  # its largest power-of-two divisor
-    # 16 is what Triton's own specialization already knows: no hint, and one variant less.
-    return dict(INT64=extent >= INT32_LIMIT, ROW_ALIGN=row_align if row_align < 16 else 1)
+        row_align = vector if common % vector == 0 and common < 16 else 1
+    return dict(INT64=extent >= INT32_LIMIT, ROW_ALIGN=row_align)
 
 
 @functools.lru_cache(maxsize=None)

@@ -157,7 +157,7 @@ def plot_metric(summary: Sequence[Dict], task: str, metric: str, ylabel: str, pa
 
 def plot_sn_ratios(summary: Sequence[Dict], path: str) -> None:
     """SN's layer-averaged IN/LN/BN ratios against images per process: means (left), variances (right);
-    one line style per SN kind, in study order (SN solid, SyncSN dashed, SN-G2 dotted, SSN dash-dotted)."""
+    one line style per SN kind in the order they appear (solid, dashed, dotted, dash-dotted)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt

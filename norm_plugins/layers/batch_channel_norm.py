@@ -232,11 +232,18 @@ class BatchChannelNorm(nn.Module):
         else:
             mode = 'constant'
         running = [getattr(self, name, None) for name in ('running_mean', 'running_var', 'num_batches_tracked')]
-        # The constants of 'constant' mode, or the estimates 'estimate' mode updates.
-        mean, var = (self.estimated_mean, self.estimated_var) if self.estimate else running[:2]
-        spec = BCNSpec(self.num_groups, self.eps, mode, update and self.track_running_stats, self.momentum, group)
+        # The constants of 'constant' mode or the estimates 'estimate' mode updates; each buffer is
+        # passed once (torch.compile traces no autograd function given one tensor twice).
+        mean = var = None
+        if self.estimate:
+            mean, var = self.estimated_mean, self.estimated_var
+        elif mode == 'constant':
+            mean, var = running[:2]
+        updating = mode == 'batch' and update and self.track_running_stats
+        spec = BCNSpec(self.num_groups, self.eps, mode, updating, self.momentum, group)
         return BatchChannelNormFunction.apply(x, self.weight, self.bias, self.group_weight, self.group_bias, mean,
-                                              var, getattr(self, 'update_rate', None), *running, spec)
+                                              var, getattr(self, 'update_rate', None),
+                                              *(running if updating else [None] * 3), spec)
 
     def _check_recomputation(self, update: bool) -> None:
         """Micro-batch BCN under a reentrant checkpoint: its recomputed forward normalizes with the

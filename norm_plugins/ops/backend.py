@@ -33,13 +33,20 @@ def requested_backend() -> str:
     return value
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_AVAILABLE: List[bool] = []
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether triton imports (tried once; a plain cache, which torch.compile traces without the
+    warning an lru_cache draws)."""
+    if not _TRITON_AVAILABLE:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _TRITON_AVAILABLE.append(False)
+        else:
+            _TRITON_AVAILABLE.append(True)
+    return _TRITON_AVAILABLE[0]
 
 
 def use_triton(x: Tensor) -> bool:

@@ -74,9 +74,9 @@ class BatchChannelNormFunction(torch.autograd.Function):
     """``y = (x - m) A + B`` and its hand-derived backward; see the module docstring.
 
     Args of ``apply``: ``x`` (N, C, *spatial); the four affine parameters (or ``None``); ``mean``,
-    ``var``: the constants of 'constant' mode, the estimates (updated in place) of 'estimate' mode;
-    ``rate``: Algorithm 1's update rate (a 0-dim tensor); the running statistics and
-    ``num_batches_tracked`` ('batch' mode with ``spec.update``); ``spec``.
+    ``var``: the constants of 'constant' mode, the estimates (updated in place) of 'estimate' mode,
+    ``None`` in 'batch' mode; ``rate``: Algorithm 1's update rate (a 0-dim tensor); the running
+    statistics and ``num_batches_tracked`` ('batch' mode with ``spec.update``, else ``None``); ``spec``.
     """
 
     @staticmethod
@@ -99,11 +99,10 @@ class BatchChannelNormFunction(torch.autograd.Function):
                     sums = triton_norms.batch_sums(m, v, mean if estimate else None, var if estimate else None,
                                                    spatial, False)
                     all_reduce_sum_(sums[:2 * m.shape[1] + 1], spec.group)
-                constants = (None, None) if spec.mode == 'batch' else (mean, var)
-                running = (running_mean, running_var, num_batches_tracked) if spec.update else (None,) * 3
                 scale, shift, stats = triton_norms.bcn_forward(
-                    m, v, sums, *constants, rate, weight, bias, group_weight, group_bias, *running, spec.groups,
-                    spec.eps, spec.momentum, MODES.index(spec.mode) + 1, spec.update)
+                    m, v, sums, mean, var, rate, weight, bias, group_weight, group_bias, running_mean, running_var,
+                    num_batches_tracked, spec.groups, spec.eps, spec.momentum, MODES.index(spec.mode) + 1,
+                    spec.update)
                 ctx.constants = (m, v, stats, sums if spec.mode == 'batch' else None)
             else:
                 count = None

@@ -13,6 +13,10 @@ the non-reentrant kind in the unpack hook of a saved tensor), while an ordinary 
 under ``torch.no_grad`` (the reentrant kind's first forward, batch-average recomputation of the
 statistics, ``torch.optim.swa_utils.update_bn``), runs outside any graph task. A forward called from
 a gradient hook is treated as a recomputation too; nothing in training does that.
+
+While torch.compile traces, the answer is ``False``: the engine's state is a Python int that Dynamo
+cannot put in a graph (asking would break it), and a traced forward is an original one. A
+checkpointed block inside a compiled region is recomputed by the compiled graph itself.
 """
 import torch
 
@@ -22,4 +26,4 @@ def is_recomputing() -> bool:
 
     Layers skip their running-statistics updates then; see the module docstring.
     """
-    return torch._C._current_graph_task_id() != -1
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1

@@ -176,8 +176,9 @@ def _triton_forward(ctx, x, weight, bias, mean_mix, var_mix, running_mean, runni
     sums = None
     if bn_mode == 1:
         sums = all_reduce_sum_(triton_norms.batch_sums(mu_in, var_in, None, None, spatial, spec.unbiased), spec.group)
-    mean_mix = mean_mix.contiguous()
-    var_mix = mean_mix if var_mix is None else var_mix.contiguous()
+    # The kernels read (G, K) rows; a contiguous tensor goes as it is (no alias for autograd to track).
+    mean_mix = mean_mix if mean_mix.is_contiguous() else mean_mix.contiguous()
+    var_mix = mean_mix if var_mix is None else var_mix if var_mix.is_contiguous() else var_mix.contiguous()
     mean, rstd, scale, shift, ln, bn = triton_norms.sn_forward(
         mu_in, var_in, mean_mix, var_mix, weight, bias, sums, running_mean, running_var, num_batches_tracked,
         ','.join(spec.normalizers), spec.logits, bn_mode, spec.update_stats, spec.momentum, spec.eps, spec.unbiased,

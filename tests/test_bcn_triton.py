@@ -3,15 +3,13 @@ the torch path: outputs, input and parameter gradients, statistics and estimates
 of BCN (1D/3D, N = 0, N = 1, 1x1 maps, L not a multiple of the block); test_triton_rowwise.py covers
 the common 2D case, half inputs and the large-offset bound on the kernels."""
 import copy
-import os
 
 import pytest
 import torch
 
-# tests/conftest.py chooses Triton's interpreter for the process on machines without a GPU.
-if os.environ.get('TRITON_INTERPRET') != '1':
-    pytest.skip('a CUDA machine runs compiled Triton kernels in this process: run the interpreter tests '
-                'alone with TRITON_INTERPRET=1 pytest tests/test_bcn_triton.py', allow_module_level=True)
+from interpreter import require_interpreter
+
+require_interpreter('tests/test_bcn_triton.py')
 
 from norm_plugins import BatchChannelNorm  # noqa: E402
 from norm_plugins.ops import triton_rowwise  # noqa: E402

@@ -6,11 +6,9 @@ import os
 import pytest
 import torch
 
-# As tests/test_triton_rowwise.py: without a GPU, tests/conftest.py runs Triton's interpreter; on a GPU
-# machine this module needs a process of its own.
-if os.environ.get('TRITON_INTERPRET') != '1':
-    pytest.skip('a CUDA machine runs compiled Triton kernels in this process: run the interpreter tests '
-                'alone with TRITON_INTERPRET=1 pytest tests/test_ssn_triton.py', allow_module_level=True)
+from interpreter import require_interpreter
+
+require_interpreter('tests/test_ssn_triton.py')
 
 import test_sync_sparse_switchable_norm as sync_tests  # noqa: E402
 from test_sparse_switchable_norm import _frozen, make_ssn  # noqa: E402

@@ -10,9 +10,9 @@ import random
 import pytest
 import torch
 
-if os.environ.get('TRITON_INTERPRET') != '1':
-    pytest.skip('a CUDA machine runs compiled Triton kernels in this process: run the interpreter tests '
-                'alone with TRITON_INTERPRET=1 pytest tests/test_triton_launches.py', allow_module_level=True)
+from interpreter import require_interpreter
+
+require_interpreter('tests/test_triton_launches.py')
 
 from norm_plugins.layers import BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm  # noqa: E402
 from norm_plugins.ops import rowwise, triton_rowwise  # noqa: E402

@@ -13,11 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-# tests/conftest.py chooses Triton's interpreter for the process on machines without a GPU. On a GPU
-# machine the kernels compile instead (tests/test_cuda.py), and this module needs a process of its own.
-if os.environ.get('TRITON_INTERPRET') != '1':
-    pytest.skip('a CUDA machine runs compiled Triton kernels in this process: run the interpreter tests '
-                'alone with TRITON_INTERPRET=1 pytest tests/test_triton_rowwise.py', allow_module_level=True)
+from interpreter import require_interpreter
+
+require_interpreter('tests/test_triton_rowwise.py')
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 

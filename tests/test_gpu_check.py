@@ -78,16 +78,19 @@ def test_without_a_gpu_the_kernels_run_in_the_interpreter_and_the_gap_is_said_in
     first, second = check.build_stages(CPU, {1: 60, 2: 70}, None, tmp_path / 'venv')
     assert (first.limit, second.limit) == (60, 70)
     steps = _commands(first)
-    assert list(steps) == ['layer tests', 'kernel tests', 'benchmark_norm']
+    assert list(steps) == ['layer tests', 'kernel tests', 'kernels for sm_90', 'benchmark_norm']
     # The same command as on a GPU: it shows that tests/test_cuda.py imports with torch alone.
     assert steps['layer tests'].argv[-3:] == ['-m', 'cuda', 'tests/test_cuda.py']
     assert 'the module is collected (so it imports)' in steps['layer tests'].note
     tests = steps['kernel tests']
     assert {'tests/test_triton_rowwise.py', 'tests/test_bcn_triton.py'} <= set(tests.argv)
     assert tests.env['TRITON_INTERPRET'] == '1' and 'tests/test_cuda.py' not in tests.argv
+    assert steps['kernels for sm_90'].argv[1:] == ['tools/triton_kernels_report.py']
+    assert 'TRITON_INTERPRET' not in steps['kernels for sm_90'].env  # it compiles, for a GPU it does not need
     assert steps['benchmark_norm'].argv[2:4] == ['--device', 'cpu']
     assert first.notes == ['the GPU tests of tests/test_cuda.py and benchmark_norm --device cuda (no GPU is visible '
-                           "to torch here; the kernel tests run in Triton's interpreter instead)"]
+                           "to torch here; the kernel tests run in Triton's interpreter and the kernels are compiled "
+                           'for sm_90 instead)']
     assert '--wheelhouse' not in _commands(second)['set-up'].argv and 'benchmark_e2e' not in _commands(second)
     assert second.notes == ['benchmark_e2e --device cuda (no GPU is visible to torch here)']
     assert 'every module is collected (so it imports)' in _commands(second)['toolbox tests'].note
@@ -152,6 +155,16 @@ def test_a_passed_step_shows_the_lines_it_keeps(tmp_path):
         keep=r'^\[setup\] built ')])]
     assert check.Runner(stages, tmp_path, [], {}).run() == 0
     assert '```\n[setup] built mmcv==2.1.0 in 4m02s\n```' in (tmp_path / 'report.md').read_text()
+
+
+def test_pytest_modules_that_all_skip_themselves_are_reported_as_skipped_not_failed(tmp_path):
+    skipping = ('print("SKIPPED [2] tests/interpreter.py:27: this triton cannot interpret"); '
+                'print("2 skipped in 0.20s"); raise SystemExit(5)')
+    stages = [check.Stage(1, 'interpreter', 30, [check.Step('kernel tests', _py(skipping), kind='pytest')])]
+    assert check.Runner(stages, tmp_path, [], {}).run() == 0
+    report = (tmp_path / 'report.md').read_text()
+    assert '| 1: interpreter | 30 s | 0m00s | ok |' in report and '| skipped: 2 skipped in 0.20s |' in report
+    assert 'SKIPPED [2] tests/interpreter.py:27: this triton cannot interpret' in report
 
 
 def test_a_failed_required_step_skips_the_rest_of_its_stage_only(tmp_path):

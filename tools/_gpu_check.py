@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LIMITS = {1: 300, 2: 540}  # seconds; stage 1 alone and stage 2 alone each fit a 10-minute call
 KILL_GRACE = 10  # seconds between SIGTERM and SIGKILL for a step killed at its stage's limit
 REPORT_LINES = 30  # at most this many failure or output lines of one step in the report
+PYTEST_NOTHING_COLLECTED = 5  # pytest's exit code when every test module skipped itself
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Stage:
 
 @dataclass
 class Result:
-    status: str  # running, ok, failed, killed, interrupted, not run
+    status: str  # running, ok, skipped, failed, killed, interrupted, not run
     seconds: float = 0.0
     detail: List[str] = field(default_factory=list)
     summary: str = ''
@@ -170,7 +171,7 @@ class Runner:
             statuses = {result.status for result in self.results[stage.number].values()}
             outcome.seconds = time.monotonic() - start
             outcome.status = ('killed' if 'killed' in statuses else
-                              'failed' if statuses - {'ok'} else 'ok')
+                              'failed' if statuses - {'ok', 'skipped'} else 'ok')
             self.say(f'stage {stage.number} {outcome.status} in {elapsed(outcome.seconds)}', log)
         self.write_report()
 
@@ -195,6 +196,8 @@ class Runner:
                 returncode = process.wait(timeout=max(0.0, deadline - time.monotonic()))
                 result.status = 'ok' if returncode == 0 else 'failed'
                 result.summary = '' if returncode == 0 else f'exit {returncode}'
+                if step.kind == 'pytest' and returncode == PYTEST_NOTHING_COLLECTED:
+                    result.status, result.summary = 'skipped', ''  # whole modules skipped, with pytest's reasons
             except subprocess.TimeoutExpired:
                 self.kill(process)
                 result.status, result.summary = 'killed', f"at the stage's limit ({int(stage.limit)} s)"
@@ -235,7 +238,7 @@ class Runner:
         if step.kind == 'pytest':
             counts, reasons = pytest_summary(output)
             if counts:
-                result.summary = counts if result.status == 'ok' else f'{result.summary}: {counts}'
+                result.summary = f'{result.summary}: {counts}' if result.summary else counts
             result.detail = reasons[:REPORT_LINES] + (
                 [f'... and {len(reasons) - REPORT_LINES} more in the log'] if len(reasons) > REPORT_LINES else [])
         elif step.kind == 'table' and result.status == 'ok':
@@ -344,17 +347,19 @@ def build_stages(facts: dict, limits: Dict[int, float], wheelhouse: Optional[Pat
         ])
     else:
         interpreted = {**plain, 'TRITON_INTERPRET': '1'}
-        first = Stage(1, 'layer tests collected, kernels in Triton\'s interpreter, a tiny benchmark_norm, '
-                         'nothing installed', limits[1], [
+        first = Stage(1, 'layer tests collected, kernels in Triton\'s interpreter and compiled for sm_90, '
+                         'a tiny benchmark_norm, nothing installed', limits[1], [
             layer_tests,
             Step('kernel tests', [python, *pytest, *sorted(str(p.relative_to(ROOT))
                                                           for p in ROOT.glob('tests/test_*triton*.py'))],
                  interpreted, kind='pytest'),
+            Step('kernels for sm_90', [python, 'tools/triton_kernels_report.py'], plain, stdout='kernels.md',
+                 kind='table'),
             Step('benchmark_norm', [python, 'tools/benchmark_norm.py', '--device', 'cpu', '--shapes', '2x32x8x8',
-                                    '--warmup', '0', '--repeats', '1', '--backend', 'triton', 'torch'],
-                 interpreted, stdout='benchmark_norm.md', kind='table'),
+                                    '--warmup', '0', '--repeats', '1', '--backend', 'torch'],
+                 plain, stdout='benchmark_norm.md', kind='table'),
         ], notes=[f'the GPU tests of tests/test_cuda.py and benchmark_norm --device cuda ({no_gpu}; the kernel '
-                  'tests run in Triton\'s interpreter instead)'])
+                  'tests run in Triton\'s interpreter and the kernels are compiled for sm_90 instead)'])
     venv_python = str(venv / 'bin' / 'python')
     setup = ['bash', 'tools/setup_env.sh', '--system-torch'] + (['--wheelhouse', str(wheelhouse)] if wheelhouse else [])
     second = Stage(2, 'set-up (mmcv CUDA build), the other GPU tests, benchmark_e2e', limits[2], [

@@ -16,19 +16,22 @@ usage: tools/gpu_rehearsal.sh [--dir DIR] [--python PY] [--stages LIST] [--rebui
   --stages LIST  gpu_check.sh's stages (default 1,2)
   --rebuild      drop the cached mmcv wheel and stage 2's venv first, to measure the build again
   --limit S=SEC  gpu_check.sh's stage limits (defaults here 1=1800, 2=14400: 2 cores, interpreter)
+  (step 5 always runs: the kernel tests in the system triton's interpreter)
 
 Steps, each timed with the load average in DIR/rehearsal.log:
  1. DIR/system: a venv, as the node's python3 is (/opt/torch/.venv), with the node's packages:
     torch 2.11.0 as PyPI serves it (the CUDA 13 build, which runs on a CPU), its triton 3.6.0,
-    numpy 2.5.2, torchvision, onnx, onnxruntime, opencv-python-headless, matplotlib, scipy, pillow,
-    pytest (downloaded once into DIR/downloads);
+    numpy 2.5.2, torchvision, onnx, onnxruntime, onnxscript, opencv-python-headless, matplotlib,
+    scipy, pillow, pytest (downloaded once into DIR/downloads);
  2. DIR/wheelhouse-system: tools/make_wheelhouse.sh --present with that environment's pip list;
  3. DIR/carry: tools/make_carry.sh, the folder a GPU session carries (less what the node has, by
     tools/gpu_node_packages.txt); the packages it leaves out for that are installed into DIR/system
     from step 2, so the system environment holds everything the carried wheelhouse relies on;
  4. with the network cut (unshare --net, proven by a failing connection) and pip's configuration
     off: tools/gpu_check.sh --wheelhouse DIR/carry/wheelhouse, python3 being DIR/system's, with
-    TORCH_CUDA_ARCH_LIST=9.0 (the H200's; no GPU here to read it from). Report: DIR/gpu_check.
+    TORCH_CUDA_ARCH_LIST=9.0 (the H200's; no GPU here to read it from). Report: DIR/gpu_check;
+ 5. the kernel tests (tests/test_*triton*.py) in that triton's interpreter, with numpy 2.3 first on
+    the path: the node's numpy 2.5 is too new for the interpreter of a triton < 3.7.
 EOF
 }
 
@@ -45,7 +48,11 @@ elapsed() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
 # the check touches, at its versions where they matter.
 NODE_PYTHON=3.12.3
 NODE_PACKAGES=(torch==2.11.0 triton==3.6.0 numpy==2.5.2 torchvision==0.26.0 onnx==1.23.1 onnxruntime==1.30.0
-               opencv-python-headless matplotlib scipy pillow pytest)
+               onnxscript==0.7.2 opencv-python-headless matplotlib scipy pillow pytest)
+# triton < 3.7's interpreter calls int() on one-element arrays, which numpy refuses from 2.4 on (2.3
+# warns), so on the node's stack the interpreter tests cannot run; step 5 runs them under its triton
+# with the newest numpy that allows it.
+INTERPRETER_NUMPY=numpy==2.3.5
 
 DIR="${NORM_PLUGINS_REHEARSAL:-${XDG_CACHE_HOME:-$HOME/.cache}/norm_plugins/rehearsal}"
 BASE="" STAGES=1,2 REBUILD=0 LIMITS=(--limit 1=1800 --limit 2=14400)
@@ -99,6 +106,12 @@ if [[ "$(cat "$SYS/.rehearsal_packages" 2>/dev/null)" != "$want" ]]; then
   "$SYS/bin/python" -m pip install -q --no-index --find-links "$DIR/downloads" "${NODE_PACKAGES[@]}" \
     || fail "installing the node's packages into $SYS failed" "read the pip error above"
   echo "$want" >"$SYS/.rehearsal_packages"
+fi
+INTERPRETER_SITE="$DIR/interpreter-${INTERPRETER_NUMPY/==/-}"
+if [[ ! -d "$INTERPRETER_SITE" ]]; then
+  "$SYS/bin/python" -m pip download -q --no-deps --only-binary=:all: -d "$DIR/downloads" "$INTERPRETER_NUMPY"
+  "$SYS/bin/python" -m pip install -q --no-index --no-deps --target "$INTERPRETER_SITE" \
+    "$DIR"/downloads/numpy-"${INTERPRETER_NUMPY#numpy==}"-*.whl
 fi
 "$SYS/bin/python" - "$NODE_PYTHON" <<'EOF'
 import platform, sys
@@ -179,5 +192,15 @@ EOF
     exec bash tools/gpu_check.sh --stages "$0" --wheelhouse "$1" --out "$2" "${@:4}"
   ' "$STAGES" "$DIR/carry/wheelhouse" "$DIR/gpu_check" "$index" "${LIMITS[@]}" && rc=0 || rc=$?
 done_step
-say "gpu_check.sh exit $rc; report $DIR/gpu_check/report.md; mmcv build log: $(ls "$DIR"/wheels/*/build.log 2>/dev/null | head -n 1)"
-exit "$rc"
+
+step "5. the kernel tests in triton's interpreter with $INTERPRETER_NUMPY first on the path"
+nice -n 10 env PATH="$SYS/bin:$PATH" PYTHONPATH="$INTERPRETER_SITE:$ROOT" TRITON_INTERPRET=1 \
+  python3 -c 'import numpy, triton; print(f"[rehearsal]    triton {triton.__version__}, numpy {numpy.__version__}")'
+nice -n 10 env PATH="$SYS/bin:$PATH" PYTHONPATH="$INTERPRETER_SITE:$ROOT" TRITON_INTERPRET=1 \
+  python3 -m pytest -q -rfE -p no:cacheprovider tests/test_*triton*.py >"$DIR/interpreter.log" 2>&1 \
+  && interpreted=0 || interpreted=$?
+say "   $(grep -E '(passed|failed|skipped|error).* in [0-9.]+s' "$DIR/interpreter.log" | tail -n 1) (exit $interpreted; log $DIR/interpreter.log)"
+done_step
+say "gpu_check.sh exit $rc, interpreter tests exit $interpreted; report $DIR/gpu_check/report.md;" \
+    "mmcv build log: $(ls "$DIR"/wheels/*/build.log 2>/dev/null | head -n 1)"
+((rc == 0 && interpreted == 0))

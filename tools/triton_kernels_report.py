@@ -58,27 +58,30 @@ def row_pass_launches(length: int, layout: str, dtype: torch.dtype):
 def coefficient_launches():
     """One launch of each coefficient kernel: SN (all normalizers, logits) and BCN in training."""
     n, c, groups, spatial = BATCH, CHANNELS, 32, LEVELS['P4']
-    stats = [torch.empty((n, c), device=META) for _ in range(4)]
+    means = torch.empty((n, c), dtype=torch.float64, device=META)
+    stats = [torch.empty((n, c), device=META) for _ in range(3)]  # variances, sum g, sum g (x - centre)
     mix = torch.empty(3, device=META)
     weight, bias, gw, gb = (torch.empty(size, device=META) for size in (c, c, groups, groups))
     running = [torch.empty(c, device=META), torch.empty(c, device=META), torch.empty((), dtype=torch.long,
                                                                                         device=META)]
     with recording() as launches:
-        sums = triton_norms.batch_sums(stats[0], stats[1], None, None, spatial, False)
-        mean, rstd, _, _, ln, bn = triton_norms.sn_forward(stats[0], stats[1], mix, mix, weight, bias, sums, *running,
-                                                           'in,ln,bn', True, 1, True, 0.1, 1e-5, False, spatial)
-        _, _, dbn, part = triton_norms.sn_channel_grads(stats[2], stats[3], stats[0], stats[1], ln, bn, *running[:2],
-                                                        rstd, weight, mix, mix, 'in,ln,bn', True, 1, False, spatial)
-        triton_norms.sn_sample_grads(stats[2], stats[3], stats[0], ln, bn, dbn, sums, mean, rstd, weight, mix, mix,
-                                     'in,ln,bn', True, True, False, spatial)
+        sums = triton_norms.batch_sums(means, stats[0], None, None, spatial, False)
+        centre, mean, rstd, _, _, ln, bn = triton_norms.sn_forward(
+            means, stats[0], mix, mix, weight, bias, sums, *running, 'in,ln,bn', True, 1, True, 0.1, 1e-5, False,
+            spatial)
+        _, _, dbn, part = triton_norms.sn_channel_grads(stats[1], stats[2], means, stats[0], ln, bn, *running[:2],
+                                                        centre, mean, rstd, weight, mix, mix, 'in,ln,bn', True, 1,
+                                                        False, spatial)
+        triton_norms.sn_sample_grads(stats[1], stats[2], means, ln, bn, dbn, sums, centre, mean, rstd, weight, mix,
+                                     mix, 'in,ln,bn', True, True, False, spatial)
         triton_norms.sn_ratio_grads(part, mix, mix, 'in,ln,bn', True, False)
-        _, _, moments = triton_norms.bcn_forward(stats[0], stats[1], sums, None, None, None, weight, bias, gw, gb,
-                                                 *running, groups, 1e-5, 0.1, 1, True)
-        e1, e2, grp, _, p, q = triton_norms.bcn_sample_grads(stats[2], stats[3], stats[0], stats[1], moments, weight,
-                                                             bias, gw, groups, 1e-5, spatial)
-        _, _, _, _, f = triton_norms.bcn_channel_grads(e1, e2, grp, stats[0], moments, weight, sums, p, q, groups,
-                                                       1e-5, True, True)
-        triton_norms.bcn_batch_terms(f, stats[0], moments, weight, sums, p, q, 1e-5)
+        centre, _, _, moments = triton_norms.bcn_forward(means, stats[0], sums, None, None, None, weight, bias, gw,
+                                                         gb, *running, groups, 1e-5, 0.1, 1, True)
+        e1, e2, grp, _, p, q = triton_norms.bcn_sample_grads(stats[1], stats[2], means, stats[0], centre, moments,
+                                                             weight, bias, gw, groups, 1e-5, spatial)
+        _, _, _, _, f = triton_norms.bcn_channel_grads(e1, e2, grp, means, centre, moments, weight, sums, p, q,
+                                                       groups, 1e-5, True, True)
+        triton_norms.bcn_batch_terms(f, means, centre, moments, weight, sums, p, q, 1e-5)
     return launches
 
 

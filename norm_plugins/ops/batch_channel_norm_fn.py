@@ -99,11 +99,11 @@ class BatchChannelNormFunction(torch.autograd.Function):
                     sums = triton_norms.batch_sums(m, v, mean if estimate else None, var if estimate else None,
                                                    spatial, False)
                     all_reduce_sum_(sums[:2 * m.shape[1] + 1], spec.group)
-                scale, shift, stats = triton_norms.bcn_forward(
+                centre, scale, shift, stats = triton_norms.bcn_forward(
                     m, v, sums, mean, var, rate, weight, bias, group_weight, group_bias, running_mean, running_var,
                     num_batches_tracked, spec.groups, spec.eps, spec.momentum, MODES.index(spec.mode) + 1,
                     spec.update)
-                ctx.constants = (m, v, stats, sums if spec.mode == 'batch' else None)
+                ctx.constants = (m, v, centre, stats, sums if spec.mode == 'batch' else None)
             else:
                 count = None
                 if spec.mode == 'batch':
@@ -115,9 +115,9 @@ class BatchChannelNormFunction(torch.autograd.Function):
                                               spec.momentum)
                 elif spec.mode == 'estimate':
                     _update_estimates(mean, var, rate, m, v, spatial, spec.group)
-                scale, shift, ctx.constants = _coefficients(m, v, mean, var, count, weight, bias, group_weight,
-                                                            group_bias, spec)
-            y = row_normalize(rows, m, scale, shift)
+                centre, scale, shift, ctx.constants = _coefficients(m, v, mean, var, count, weight, bias,
+                                                                    group_weight, group_bias, spec)
+            y = row_normalize(rows, centre, scale, shift)
         ctx.save_for_backward(x, weight, bias, group_weight)
         return shaped_like(y, x)
 
@@ -140,11 +140,13 @@ class BatchChannelNormFunction(torch.autograd.Function):
 
 
 def _coefficients(m, v, mean, var, count, weight, bias, group_weight, group_bias, spec):
-    """Forward coefficients ``A``, ``B`` (in m's dtype) and the constants backward needs (torch path)."""
+    """The pass's centre (the row means rounded to v's dtype, x's accumulation dtype), ``A``,
+    ``B`` (making up for the centre's rounding) and the constants backward needs (torch path)."""
     n, c = m.shape
     groups = spec.groups
     per_group = c // groups
     acc = COEFFICIENT_DTYPE
+    centre = m.to(v.dtype)
     v = v.to(acc)
     rstd_c = (var.to(acc) + spec.eps).rsqrt()
     a = rstd_c if weight is None else rstd_c * weight.to(acc)
@@ -158,16 +160,18 @@ def _coefficients(m, v, mean, var, count, weight, bias, group_weight, group_bias
     shift = s.unsqueeze(-1) * hc3
     if group_bias is not None:
         shift = shift + group_bias.to(acc).view(groups, 1)
-    constants = (m, v, rstd_c, a, d, hc3.view(n, c), s, rstd_g, count)
-    return scale.view(n, c).to(m.dtype), shift.view(n, c).to(m.dtype), constants
+    scale, shift = scale.view(n, c), shift.view(n, c) + (centre - m) * scale.view(n, c)
+    constants = (m, v, centre, rstd_c, a, d, hc3.view(n, c), s, rstd_g, count)
+    return centre, scale.to(centre.dtype), shift.to(centre.dtype), constants
 
 
 def _torch_backward(ctx, x3, g3, spec):
-    m, v, rstd_c, a, d, hc, s, rstd_g, count = ctx.constants
+    m, v, centre, rstd_c, a, d, hc, s, rstd_g, count = ctx.constants
     n, c = m.shape
     groups = spec.groups
     spatial = x3.shape[2]
-    s1, s2 = (t.to(COEFFICIENT_DTYPE) for t in row_grad_sums(g3, x3, m))
+    s1, s2 = (t.to(COEFFICIENT_DTYPE) for t in row_grad_sums(g3, x3, centre))
+    s2 = s2 + (centre - m) * s1  # sum g (x - m) from the pass's sum g (x - centre)
 
     per_group = c // groups
     group_count = spatial * per_group
@@ -191,7 +195,8 @@ def _torch_backward(ctx, x3, g3, spec):
             f1, f2 = a * f[0] / per_count, a * rstd_c * f[1] / per_count
             p = p - f2
             q = q - f1 - d * f2
-        dx = row_normalize_backward(g3, x3, m, *(t.to(m.dtype) for t in (s_c * a, p, q)))
+        q = q + p * (centre - m)  # the pass is centred on the rounded means
+        dx = row_normalize_backward(g3, x3, centre, *(t.to(centre.dtype) for t in (s_c * a, p, q)))
     d_group_weight = (t * rstd_g).sum(0)
     d_group_bias = s1.view(n, groups, per_group).sum((0, 2))
     return dx, (d_xhat, d_bias, d_group_weight, d_group_bias)
@@ -199,20 +204,20 @@ def _torch_backward(ctx, x3, g3, spec):
 
 def _triton_backward(ctx, x3, g3, weight, bias, group_weight, spec):
     from . import triton_norms
-    m, v, stats, sums = ctx.constants
-    s1, s2 = row_grad_sums(g3, x3, m)
-    e1, e2, grp, a, p, q = triton_norms.bcn_sample_grads(s1, s2, m, v, stats, weight, bias, group_weight,
+    m, v, centre, stats, sums = ctx.constants
+    s1, s2 = row_grad_sums(g3, x3, centre)
+    e1, e2, grp, a, p, q = triton_norms.bcn_sample_grads(s1, s2, m, v, centre, stats, weight, bias, group_weight,
                                                          spec.groups, spec.eps, x3.shape[2])
     batch = sums is not None
     sync = batch and spec.group is not None
     d_weight, d_bias, d_group_weight, d_group_bias, f = triton_norms.bcn_channel_grads(
-        e1, e2, grp, m, stats, weight, sums, p, q, spec.groups, spec.eps, batch, sync)
+        e1, e2, grp, m, centre, stats, weight, sums, p, q, spec.groups, spec.eps, batch, sync)
     dx = None
     if ctx.needs_input_grad[0]:
         if sync:
             all_reduce_sum_(f, spec.group)
-            triton_norms.bcn_batch_terms(f, m, stats, weight, sums, p, q, spec.eps)
-        dx = row_normalize_backward(g3, x3, m, a, p, q)
+            triton_norms.bcn_batch_terms(f, m, centre, stats, weight, sums, p, q, spec.eps)
+        dx = row_normalize_backward(g3, x3, centre, a, p, q)
     return dx, (d_weight, d_bias, d_group_weight, d_group_bias)
 
 

@@ -23,7 +23,13 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import cpu_fused
 from .backend import use_triton
+
+# Row means are float64 on every path: SN's and BCN's coefficient math takes differences of means
+# (mu_in - mu_ln, m - mean_c), which a float32 mean of values near 1e4 would already have rounded
+# by 5e-4 of a unit standard deviation.
+MEAN_DTYPE = torch.float64
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -53,35 +59,41 @@ def _kernels():
 
 
 def row_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """Mean and biased variance of every row of ``x``, in the accumulation dtype."""
+    """Mean (float64, see :data:`MEAN_DTYPE`) and biased variance (accumulation dtype) of every row."""
     if use_triton(x):
         return _kernels().row_moments(x)
     acc = accumulation_dtype(x.dtype)
     if x.numel() == 0:
-        return x.new_zeros(x.shape[:2], dtype=acc), x.new_zeros(x.shape[:2], dtype=acc)
+        return x.new_zeros(x.shape[:2], dtype=MEAN_DTYPE), x.new_zeros(x.shape[:2], dtype=acc)
+    if cpu_fused.applies(x):
+        fused = cpu_fused.run('moments', x)
+        if fused is not None:
+            return fused
+    # The mean from float64 sums (one pass that upcasts as it reads, no copy of x).
+    mean = x.sum(2, dtype=MEAN_DTYPE).div_(x.shape[2])
     half = x.dtype in (torch.float16, torch.bfloat16)
     blocks = _channel_blocks(x)
     if not (x.is_contiguous() or half) or blocks is None:
-        # float64-accumulated Welford, without a copy for float32/float64. For a channels-last
-        # float32 x it is as fast as BatchNorm's channels-last kernel, whose float32 mean is off
-        # by 1e-5 relative (so its variance by 1e-3 at mean / std = 1e4).
-        var, mean = torch.var_mean(x.to(acc), dim=2, correction=0)
-        return mean, var
-    # BatchNorm's statistics kernel, rows taken as channels: for NCL rows a mean pass, then a centred
-    # pass, with a float64 accumulator; it reads x in its own dtype (half precision: no float32
-    # copy) and writes nothing full-size. The running buffers it insists on updating are scratch.
-    moments = []
+        # float64-accumulated Welford, without a copy for float32/float64.
+        return mean, torch.var(x.to(acc), dim=2, correction=0)
+    # BatchNorm's statistics kernel, rows taken as channels: a mean pass, then a centred pass, with a
+    # float64 accumulator; it reads x in its own dtype (half precision: no float32 copy) and writes
+    # nothing full-size. The running buffers it insists on updating are scratch.
+    variances = []
     for block in blocks:
         scratch = x.new_zeros(block.shape[1], dtype=acc)
-        moments.append(torch.batch_norm_update_stats(block, scratch, scratch.clone(), 0.0))
-    mean, var = (torch.cat(t).view(x.shape[:2]) for t in zip(*moments))
-    return mean, var
+        variances.append(torch.batch_norm_update_stats(block, scratch, scratch.clone(), 0.0)[1])
+    return mean, torch.cat(variances).view(x.shape[:2])
 
 
 def row_normalize(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``(x - centre) * scale + shift`` per row, in x's dtype and layout."""
     if use_triton(x):
         return _kernels().row_normalize(x, centre, scale, shift)
+    if cpu_fused.applies(x, centre, scale, shift):
+        fused = cpu_fused.run('normalize', x, centre, scale, shift)
+        if fused is not None:
+            return _in_layout_of(x, fused)
     y = torch.empty_like(x)
     blocks = _channel_blocks(x)
     if blocks is None:
@@ -99,6 +111,10 @@ def row_grad_sums(grad: Tensor, x: Tensor, centre: Tensor) -> Tuple[Tensor, Tens
     """``sum_l g`` and ``sum_l g * (x - centre)`` per row, in the accumulation dtype."""
     if use_triton(x):
         return _kernels().row_grad_sums(grad, x, centre)
+    if cpu_fused.applies(x, grad, centre):
+        fused = cpu_fused.run('grad_sums', grad, x, centre)
+        if fused is not None:
+            return fused
     blocks = _channel_blocks(x)
     if blocks is None or grad.stride() != x.stride():
         gs = grad.to(centre.dtype)
@@ -120,6 +136,11 @@ def row_normalize_backward(grad: Tensor, x: Tensor, centre: Tensor, a: Tensor, p
     """``g * a + (x - centre) * p + q`` per row, in x's dtype and layout."""
     if use_triton(x):
         return _kernels().row_normalize_backward(grad, x, centre, a, p, q)
+    # dx takes x's layout; the fused loop would give it g's where they differ.
+    if grad.stride() == x.stride() and cpu_fused.applies(x, grad, centre, a, p, q):
+        fused = cpu_fused.run('backward', grad, x, centre, a, p, q)
+        if fused is not None:
+            return _in_layout_of(x, fused)
     dx = torch.empty_like(x)
     blocks = _channel_blocks(x)
     if blocks is None or grad.stride() != x.stride():
@@ -137,6 +158,12 @@ def row_normalize_backward(grad: Tensor, x: Tensor, centre: Tensor, a: Tensor, p
     torch.sub(x, centre.unsqueeze(-1), out=dx)
     torch.addcmul(q.unsqueeze(-1), dx, p.unsqueeze(-1), out=dx)
     return dx.addcmul_(grad, a.unsqueeze(-1))
+
+
+def _in_layout_of(x: Tensor, result: Tensor) -> Tensor:
+    """``result`` with x's strides: the fused loops keep a layout, but may lay out a tensor with a
+    dimension of size 1 (a 1x1 map) differently."""
+    return result if result.stride() == x.stride() else torch.empty_like(x).copy_(result)
 
 
 def _reference_affine(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor) -> Tensor:

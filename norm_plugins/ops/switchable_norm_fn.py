@@ -45,6 +45,11 @@ from .moments import batch_sums, moments_from_sums, update_running_stats
 from .rowwise import (accumulation_dtype, row_grad_sums, row_moments, row_normalize,
                       row_normalize_backward)
 
+# The (N, C) coefficient math runs in float64: it costs nothing next to the passes over x, and takes
+# differences of means (mu_in - mu_ln, M - mu_in) that float32 would round where |mean| / std is
+# large.
+COEFFICIENT_DTYPE = torch.float64
+
 NORMALIZERS = ('in', 'ln', 'bn')
 
 
@@ -86,13 +91,12 @@ class SwitchableNormFunction(torch.autograd.Function):
             if use_triton(x):
                 return _triton_forward(ctx, x, weight, bias, mean_mix, var_mix, running_mean, running_var,
                                        num_batches_tracked, spec)
-        acc = accumulation_dtype(x.dtype)
+        acc, coef = accumulation_dtype(x.dtype), COEFFICIENT_DTYPE
         with torch.autocast(x.device.type, enabled=False):
             _, c, spatial = x.shape
             mu_in, var_in = row_moments(x)
             k = spatial / (spatial - 1) if spec.unbiased and spatial > 1 else 1.0
-            if k != 1.0:
-                var_in = var_in * k
+            var_in = var_in.to(coef) * k
             stats = {'in': (mu_in, var_in)}
             if 'ln' in spec.normalizers:
                 mu_ln = mu_in.mean(1, keepdim=True)
@@ -101,30 +105,34 @@ class SwitchableNormFunction(torch.autograd.Function):
             count = None
             if spec.use_batch_stats:
                 sums = all_reduce_sum_(batch_sums(mu_in, var_in, spatial), spec.group)
-                stats['bn'] = moments_from_sums(sums, acc)
+                stats['bn'] = moments_from_sums(sums, coef)
                 count = sums[-1]
                 if spec.update_stats:
                     # A batch without elements (over all ranks) changes nothing, as in BatchNorm.
                     update_running_stats(running_mean, running_var, num_batches_tracked, *stats['bn'],
                                          spec.momentum, valid=count > 0)
             elif running_mean is not None:
-                stats['bn'] = running_mean.to(acc), running_var.to(acc)
+                stats['bn'] = running_mean.to(coef), running_var.to(coef)
             elif 'bn' in spec.normalizers:
                 stats['bn'] = mu_in.new_zeros(c), mu_in.new_zeros(c)
 
-            rm = used_ratios(mean_mix, spec, acc)
-            rv = rm if var_mix is None else used_ratios(var_mix, spec, acc)
+            rm = used_ratios(mean_mix, spec, coef)
+            rv = rm if var_mix is None else used_ratios(var_mix, spec, coef)
             rm_c, rv_c = per_channel(rm, c), per_channel(rv, c)
             # (N, C) even when only LN statistics enter, which are (N, 1).
             mean = sum(rm_c[:, i] * stats[name][0] for i, name in enumerate(spec.normalizers)).expand_as(mu_in)
             var = sum(rv_c[:, i] * stats[name][1] for i, name in enumerate(spec.normalizers))
             rstd = (var + spec.eps).rsqrt().expand_as(mu_in)
-            scale = rstd if weight is None else rstd * weight.to(acc)
-            shift = torch.zeros_like(scale) if bias is None else bias.to(acc).expand_as(scale)
-            y = row_normalize(x, mean, scale, shift)
+            scale = rstd if weight is None else rstd * weight.to(coef)
+            # The pass is centred on M rounded to x's accumulation dtype; the shift makes up for it.
+            centre = mean.to(acc)
+            shift = (centre - mean) * scale
+            if bias is not None:
+                shift = shift + bias.to(coef)
+            y = row_normalize(x, centre, scale.to(acc), shift.to(acc))
 
         ln, bn = stats.get('ln', (None, None)), stats.get('bn', (None, None))
-        ctx.save_for_backward(x, weight, rm, rv, mu_in, var_in, *ln, *bn, mean, rstd, count)
+        ctx.save_for_backward(x, weight, rm, rv, mu_in, var_in, *ln, *bn, mean, centre, rstd, count)
         ctx.k = k
         return y
 
@@ -134,13 +142,16 @@ class SwitchableNormFunction(torch.autograd.Function):
         with torch.autocast(grad.device.type, enabled=False):
             if use_triton(grad):
                 return _triton_backward(ctx, grad)
-        x, weight, rm, rv, mu_in, var_in, mu_ln, var_ln, mu_bn, var_bn, mean, rstd, count = ctx.saved_tensors
+        (x, weight, rm, rv, mu_in, var_in, mu_ln, var_ln, mu_bn, var_bn, mean, centre, rstd,
+         count) = ctx.saved_tensors
         spec, mean_shape, var_shape = ctx.meta
         k = ctx.k
         stats = {'in': (mu_in, var_in), 'ln': (mu_ln, var_ln), 'bn': (mu_bn, var_bn)}
         c = x.shape[1]
         with torch.autocast(x.device.type, enabled=False):
-            sum_g, sum_gc = row_grad_sums(grad, x, mean)
+            sum_g, sum_gc = (t.to(COEFFICIENT_DTYPE) for t in row_grad_sums(grad, x, centre))
+            # sum g (x - M) from the pass's sum g (x - centre).
+            sum_gc = sum_gc + (centre - mean) * sum_g
             a = rstd if weight is None else rstd * weight.to(rstd.dtype)
             d_mean = -a * sum_g
             d_var = -0.5 * a * rstd.square() * sum_gc
@@ -152,7 +163,7 @@ class SwitchableNormFunction(torch.autograd.Function):
                                 for name in spec.normalizers], -1)
             dx = None
             if ctx.needs_input_grad[0]:
-                dx = _input_grad(grad, x, spec, per_channel(rm, c), per_channel(rv, c), stats, mean, a,
+                dx = _input_grad(grad, x, spec, per_channel(rm, c), per_channel(rv, c), stats, mean, centre, a,
                                  d_mean, d_var, count, k)
             d_weight = d_bias = None
             if weight is not None:  # affine: weight and bias come together
@@ -179,14 +190,14 @@ def _triton_forward(ctx, x, weight, bias, mean_mix, var_mix, running_mean, runni
     # The kernels read (G, K) rows; a contiguous tensor goes as it is (no alias for autograd to track).
     mean_mix = mean_mix if mean_mix.is_contiguous() else mean_mix.contiguous()
     var_mix = mean_mix if var_mix is None else var_mix if var_mix.is_contiguous() else var_mix.contiguous()
-    mean, rstd, scale, shift, ln, bn = triton_norms.sn_forward(
+    centre, mean, rstd, scale, shift, ln, bn = triton_norms.sn_forward(
         mu_in, var_in, mean_mix, var_mix, weight, bias, sums, running_mean, running_var, num_batches_tracked,
         ','.join(spec.normalizers), spec.logits, bn_mode, spec.update_stats, spec.momentum, spec.eps, spec.unbiased,
         spatial)
-    ctx.save_for_backward(x, weight, mean_mix, var_mix, mu_in, var_in, ln, bn, running_mean, running_var, mean,
-                          rstd, sums)
+    ctx.save_for_backward(x, weight, mean_mix, var_mix, mu_in, var_in, ln, bn, running_mean, running_var, centre,
+                          mean, rstd, sums)
     ctx.bn_mode = bn_mode
-    return row_normalize(x, mean, scale, shift)
+    return row_normalize(x, centre, scale, shift)
 
 
 def _triton_backward(ctx, grad: Tensor):
@@ -194,22 +205,22 @@ def _triton_backward(ctx, grad: Tensor):
     gradients, ratio shares), the BN gradients' all-reduce, the per-sample kernel (dx's coefficients),
     the ratio-gradient kernel and the input-gradient pass."""
     from . import triton_norms
-    x, weight, mean_mix, var_mix, mu_in, var_in, ln, bn, running_mean, running_var, mean, rstd, sums = \
-        ctx.saved_tensors
+    (x, weight, mean_mix, var_mix, mu_in, var_in, ln, bn, running_mean, running_var, centre, mean, rstd,
+     sums) = ctx.saved_tensors
     spec, _, var_shape = ctx.meta
     normalizers, spatial, bn_mode = ','.join(spec.normalizers), x.shape[2], ctx.bn_mode
-    sum_g, sum_gc = row_grad_sums(grad, x, mean)
+    sum_g, sum_gc = row_grad_sums(grad, x, centre)
     d_weight, d_bias, dbn, part = triton_norms.sn_channel_grads(
-        sum_g, sum_gc, mu_in, var_in, ln, bn, running_mean, running_var, rstd, weight, mean_mix, var_mix,
-        normalizers, spec.logits, bn_mode, spec.unbiased, spatial)
+        sum_g, sum_gc, mu_in, var_in, ln, bn, running_mean, running_var, centre, mean, rstd, weight, mean_mix,
+        var_mix, normalizers, spec.logits, bn_mode, spec.unbiased, spatial)
     dx = None
     if ctx.needs_input_grad[0]:
         if bn_mode == 1:
             all_reduce_sum_(dbn, spec.group)
-        a, p, q = triton_norms.sn_sample_grads(sum_g, sum_gc, mu_in, ln, bn, dbn, sums, mean, rstd, weight,
+        a, p, q = triton_norms.sn_sample_grads(sum_g, sum_gc, mu_in, ln, bn, dbn, sums, centre, mean, rstd, weight,
                                                mean_mix, var_mix, normalizers, spec.logits, bn_mode == 1,
                                                spec.unbiased, spatial)
-        dx = row_normalize_backward(grad, x, mean, a, p, q)
+        dx = row_normalize_backward(grad, x, centre, a, p, q)
     d_mean_mix = d_var_mix = None
     if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
         d_mean_mix, d_var_mix = triton_norms.sn_ratio_grads(part, mean_mix, var_mix, normalizers, spec.logits,
@@ -245,10 +256,11 @@ def _group_sums(values: Tensor, groups: int, channels: int) -> Tensor:
     return values.expand(channels).reshape(groups, -1).sum(1)
 
 
-def _input_grad(grad, x, spec, rm, rv, stats, mean, a, d_mean, d_var, count, k):
-    """``dx = g a + (x - M) P + Q`` with the (N, C) coefficients of the module docstring; ``rm``,
-    ``rv`` are per-channel ratio rows over ``spec.normalizers``; ``count`` (elements per channel
-    over all ranks) is ``None`` when the BN moments were constants."""
+def _input_grad(grad, x, spec, rm, rv, stats, mean, centre, a, d_mean, d_var, count, k):
+    """``dx = g a + (x - M) P + Q`` with the (N, C) coefficients of the module docstring, in float64;
+    the pass computes it as ``g a + (x - centre) P + Q + (centre - M) P``. ``rm``, ``rv`` are
+    per-channel ratio rows over ``spec.normalizers``; ``count`` (elements per channel over all
+    ranks) is ``None`` when the BN moments were constants."""
     _, c, spatial = x.shape
     mu_in = stats['in'][0]
     column = {name: i for i, name in enumerate(spec.normalizers)}
@@ -270,5 +282,6 @@ def _input_grad(grad, x, spec, rm, rv, stats, mean, a, d_mean, d_var, count, k):
         d_mu_bn, d_var_bn = (d_bn / count.clamp(min=1)).to(a.dtype).chunk(2)
         p = p + 2 * k * d_var_bn
         q = q + d_mu_bn + 2 * d_var_bn * (mu_in - stats['bn'][0])
-    q = q + p * (mean - mu_in)
-    return row_normalize_backward(grad, x, mean, a, p, q)
+    q = q + p * (centre - mu_in)
+    acc = centre.dtype
+    return row_normalize_backward(grad, x, centre, a.to(acc), p.to(acc), q.to(acc))

@@ -21,8 +21,9 @@ them; the torch formulas in :mod:`~norm_plugins.ops.switchable_norm_fn` and
                              terms (or their sums for an all-reduce, then bcn_batch_terms_kernel)
 
 Per-sample programs loop over C in tiles of ``BLOCK_C`` channels, per-channel programs over N.
-Arithmetic is in the dtype of the (N, C) statistics (float32, float64 for float64 inputs); batch
-sums, and BCN's per-channel statistics and ``m - mean_c``, are float64 as in the torch path.
+Arithmetic is in float64, as the torch path's (the row means are float64); what the passes take
+(their centre, A, B, a, P, Q) is stored in x's accumulation dtype, the centre rounded and B and Q
+making up for its rounding.
 A value that several programs need but only one may write (running statistics, estimates,
 ``num_batches_tracked``) is written by program 0 from what it read itself, after no other program
 can still read it, so no program sees another's update.
@@ -146,20 +147,22 @@ def _running_update(rmean_ptr, rvar_ptr, nbt_ptr, cs, mask, mean, var, valid, mo
 
 @triton.jit
 def sn_forward_kernel(mu_ptr, var_ptr, mix_m_ptr, mix_v_ptr, w_ptr, b_ptr, sums_ptr, rmean_ptr,
-                      rvar_ptr, nbt_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, ln_ptr, bn_ptr,
+                      rvar_ptr, nbt_ptr, centre_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, ln_ptr, bn_ptr,
                       N, C, L, group_size, eps, momentum, momentum_low,
                       K: tl.constexpr, COL_IN: tl.constexpr, COL_LN: tl.constexpr, COL_BN: tl.constexpr,
                       LOGITS: tl.constexpr, BN_MODE: tl.constexpr, UPDATE: tl.constexpr,
                       CUMULATIVE: tl.constexpr, AFFINE: tl.constexpr, UNBIASED: tl.constexpr,
                       BLOCK_C: tl.constexpr):
-    """SN's forward coefficients of one sample: ``M``, ``rstd``, ``A = weight * rstd``, ``B = bias``.
+    """SN's forward coefficients of one sample: ``M`` (float64, and rounded as the pass's centre),
+    ``rstd``, ``A = weight * rstd`` and ``B = bias + (centre - M) A``.
 
     ``BN_MODE``: 0 no BN statistics, 1 from ``sums`` (this batch; program 0 stores them in ``bn``
     for backward and, with UPDATE, moves the running statistics), 2 the running statistics.
     ``ln`` receives this sample's (mu_ln, var_ln), needed again in backward. The grid has at least
     one program, so an empty batch (of a synchronized rank) still has program 0's duties done.
     """
-    acc_ty = mean_ptr.dtype.element_ty
+    acc_ty: tl.constexpr = tl.float64
+    centre_ty = centre_ptr.dtype.element_ty
     n = tl.program_id(0)
     row = n.to(tl.int64) * C
     k = _unbiased_factor(L, acc_ty, UNBIASED)
@@ -178,7 +181,7 @@ def sn_forward_kernel(mu_ptr, var_ptr, mix_m_ptr, mix_v_ptr, w_ptr, b_ptr, sums_
             cs = c0 + tl.arange(0, BLOCK_C)
             mask = _and(cs < C, sample)
             mu = tl.load(mu_ptr + row + cs, mask=mask, other=0.)
-            v = tl.load(var_ptr + row + cs, mask=mask, other=0.) * k
+            v = tl.load(var_ptr + row + cs, mask=mask, other=0.).to(acc_ty) * k
             total += tl.where(mask, v + (mu - mu_ln) * (mu - mu_ln), 0.)
         var_ln = tl.sum(total, 0) / C
         tl.store(ln_ptr + 2 * n, mu_ln, mask=sample)
@@ -191,7 +194,7 @@ def sn_forward_kernel(mu_ptr, var_ptr, mix_m_ptr, mix_v_ptr, w_ptr, b_ptr, sums_
         mask = cs < C
         out = _and(mask, sample)
         mu = tl.load(mu_ptr + row + cs, mask=out, other=0.)
-        v = tl.load(var_ptr + row + cs, mask=out, other=0.) * k
+        v = tl.load(var_ptr + row + cs, mask=out, other=0.).to(acc_ty) * k
         mu_bn = tl.zeros([BLOCK_C], acc_ty)
         var_bn = tl.zeros([BLOCK_C], acc_ty)
         if BN_MODE == 1:
@@ -212,27 +215,32 @@ def sn_forward_kernel(mu_ptr, var_ptr, mix_m_ptr, mix_v_ptr, w_ptr, b_ptr, sums_
         var = rv_in * v + rv_ln * var_ln + rv_bn * var_bn
         rstd = 1. / tl.sqrt(var + eps)
         scale = rstd
-        shift = tl.zeros([BLOCK_C], acc_ty)
+        centre = mean.to(centre_ty)
+        shift = (centre.to(acc_ty) - mean) * scale
         if AFFINE:
             scale = rstd * tl.load(w_ptr + cs, mask=mask, other=0.).to(acc_ty)
-            shift = tl.load(b_ptr + cs, mask=mask, other=0.).to(acc_ty)
+            shift = (centre.to(acc_ty) - mean) * scale + tl.load(b_ptr + cs, mask=mask, other=0.).to(acc_ty)
+        tl.store(centre_ptr + row + cs, centre, mask=out)
         tl.store(mean_ptr + row + cs, mean, mask=out)
         tl.store(rstd_ptr + row + cs, rstd, mask=out)
-        tl.store(scale_ptr + row + cs, scale, mask=out)
-        tl.store(shift_ptr + row + cs, shift, mask=out)
+        tl.store(scale_ptr + row + cs, scale.to(centre_ty), mask=out)
+        tl.store(shift_ptr + row + cs, shift.to(centre_ty), mask=out)
     if UPDATE:
         tl.store(nbt_ptr, tl.load(nbt_ptr) + valid.to(tl.int64), mask=first)
 
 
 @triton.jit
-def _sn_grad_terms(sg_ptr, sgc_ptr, rstd_ptr, w_ptr, offsets, cs, mask, AFFINE: tl.constexpr):
-    """Per (n, c): a = weight * rstd, dL/dM = -a Sg and dL/dV = -a rstd^2 Sgc / 2."""
+def _sn_grad_terms(sg_ptr, sgc_ptr, rstd_ptr, w_ptr, centre_ptr, mean_ptr, offsets, cs, mask, AFFINE: tl.constexpr):
+    """Per (n, c), in float64: a = weight * rstd, dL/dM = -a Sg and dL/dV = -a rstd^2 Sgc / 2, with
+    Sgc = sum g (x - M) from the pass's sum g (x - centre)."""
     rstd = tl.load(rstd_ptr + offsets, mask=mask, other=0.)
     a = rstd
     if AFFINE:
-        a = rstd * tl.load(w_ptr + cs, mask=mask, other=0.).to(rstd.dtype)
-    sg = tl.load(sg_ptr + offsets, mask=mask, other=0.)
-    sgc = tl.load(sgc_ptr + offsets, mask=mask, other=0.)
+        a = rstd * tl.load(w_ptr + cs, mask=mask, other=0.).to(tl.float64)
+    sg = tl.load(sg_ptr + offsets, mask=mask, other=0.).to(tl.float64)
+    centre = tl.load(centre_ptr + offsets, mask=mask, other=0.).to(tl.float64)
+    sgc = tl.load(sgc_ptr + offsets, mask=mask, other=0.).to(tl.float64) + \
+        (centre - tl.load(mean_ptr + offsets, mask=mask, other=0.)) * sg
     return rstd, a, -a * sg, -0.5 * a * rstd * rstd * sgc, sg, sgc
 
 
@@ -253,8 +261,8 @@ def _sn_bn_constants(bn_ptr, rmean_ptr, rvar_ptr, cs, mask, C, acc_ty: tl.conste
 
 
 @triton.jit
-def sn_channel_grad_kernel(sg_ptr, sgc_ptr, mu_ptr, var_ptr, ln_ptr, bn_ptr, rmean_ptr, rvar_ptr, rstd_ptr,
-                           w_ptr, mix_m_ptr, mix_v_ptr, dw_ptr, db_ptr, dbn_ptr, part_ptr,
+def sn_channel_grad_kernel(sg_ptr, sgc_ptr, mu_ptr, var_ptr, ln_ptr, bn_ptr, rmean_ptr, rvar_ptr, centre_ptr,
+                           mean_ptr, rstd_ptr, w_ptr, mix_m_ptr, mix_v_ptr, dw_ptr, db_ptr, dbn_ptr, part_ptr,
                            N, C, L, group_size,
                            K: tl.constexpr, COL_IN: tl.constexpr, COL_LN: tl.constexpr, COL_BN: tl.constexpr,
                            LOGITS: tl.constexpr, BN_MODE: tl.constexpr, AFFINE: tl.constexpr,
@@ -262,7 +270,7 @@ def sn_channel_grad_kernel(sg_ptr, sgc_ptr, mu_ptr, var_ptr, ln_ptr, bn_ptr, rme
     """Sums over the samples, per channel: d weight, d bias; ``dbn`` = the gradients of the batch
     moments (float64, summable over ranks; BN_MODE 1); ``part`` (C, 6) = sum_n dM mu_k and
     sum_n dV var_k for k = IN, LN, BN, the per-channel shares of the ratios' gradients."""
-    acc_ty = mu_ptr.dtype.element_ty
+    acc_ty: tl.constexpr = tl.float64
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cs < C
     k = _unbiased_factor(L, acc_ty, UNBIASED)
@@ -277,13 +285,14 @@ def sn_channel_grad_kernel(sg_ptr, sgc_ptr, mu_ptr, var_ptr, ln_ptr, bn_ptr, rme
     dv_ln = tl.zeros([BLOCK_C], acc_ty)
     for n in range(0, N):
         offsets = n * C + cs
-        rstd, a, dm, dv, sg, sgc = _sn_grad_terms(sg_ptr, sgc_ptr, rstd_ptr, w_ptr, offsets, cs, mask, AFFINE)
+        rstd, a, dm, dv, sg, sgc = _sn_grad_terms(sg_ptr, sgc_ptr, rstd_ptr, w_ptr, centre_ptr, mean_ptr, offsets, cs,
+                                                  mask, AFFINE)
         d_w += sgc * rstd
         d_b += sg
         sum_dm += dm
         sum_dv += dv
         dm_in += dm * tl.load(mu_ptr + offsets, mask=mask, other=0.)
-        dv_in += dv * tl.load(var_ptr + offsets, mask=mask, other=0.) * k
+        dv_in += dv * tl.load(var_ptr + offsets, mask=mask, other=0.).to(acc_ty) * k
         if COL_LN >= 0:
             dm_ln += dm * tl.load(ln_ptr + 2 * n)
             dv_ln += dv * tl.load(ln_ptr + 2 * n + 1)
@@ -293,8 +302,8 @@ def sn_channel_grad_kernel(sg_ptr, sgc_ptr, mu_ptr, var_ptr, ln_ptr, bn_ptr, rme
     if BN_MODE == 1:
         _, _, rm_bn = _ratios(mix_m_ptr, cs, mask, group_size, K, COL_IN, COL_LN, COL_BN, LOGITS, BLOCK_C, acc_ty)
         _, _, rv_bn = _ratios(mix_v_ptr, cs, mask, group_size, K, COL_IN, COL_LN, COL_BN, LOGITS, BLOCK_C, acc_ty)
-        tl.store(dbn_ptr + cs, (rm_bn * sum_dm).to(tl.float64), mask=mask)
-        tl.store(dbn_ptr + C + cs, (rv_bn * sum_dv).to(tl.float64), mask=mask)
+        tl.store(dbn_ptr + cs, rm_bn * sum_dm, mask=mask)
+        tl.store(dbn_ptr + C + cs, rv_bn * sum_dv, mask=mask)
     part = part_ptr + cs * 6
     tl.store(part, dm_in, mask=mask)
     tl.store(part + 1, dm_ln, mask=mask)
@@ -305,15 +314,16 @@ def sn_channel_grad_kernel(sg_ptr, sgc_ptr, mu_ptr, var_ptr, ln_ptr, bn_ptr, rme
 
 
 @triton.jit
-def sn_sample_grad_kernel(sg_ptr, sgc_ptr, mu_ptr, ln_ptr, bn_ptr, dbn_ptr, sums_ptr, mean_ptr, rstd_ptr,
+def sn_sample_grad_kernel(sg_ptr, sgc_ptr, mu_ptr, ln_ptr, bn_ptr, dbn_ptr, sums_ptr, centre_ptr, mean_ptr, rstd_ptr,
                           w_ptr, mix_m_ptr, mix_v_ptr, a_ptr, p_ptr, q_ptr, C, L, group_size,
                           K: tl.constexpr, COL_IN: tl.constexpr, COL_LN: tl.constexpr, COL_BN: tl.constexpr,
                           LOGITS: tl.constexpr, BATCH: tl.constexpr, AFFINE: tl.constexpr,
                           UNBIASED: tl.constexpr, BLOCK_C: tl.constexpr):
     """The input gradient's coefficients of one sample, ``dx = g a + (x - M) P + Q`` (see
     :mod:`norm_plugins.ops.switchable_norm_fn`); BATCH: the BN moments were this batch's, with
-    (all-reduced) gradients ``dbn`` over ``count`` elements per channel."""
-    acc_ty = mu_ptr.dtype.element_ty
+    (all-reduced) gradients ``dbn`` over ``count`` elements per channel. The pass is centred on the
+    rounded centre, so Q takes ``P (centre - mu_in)`` where the formula has ``P (M - mu_in)``."""
+    acc_ty: tl.constexpr = tl.float64
     n = tl.program_id(0)
     row = n.to(tl.int64) * C
     k = _unbiased_factor(L, acc_ty, UNBIASED)
@@ -329,7 +339,8 @@ def sn_sample_grad_kernel(sg_ptr, sgc_ptr, mu_ptr, ln_ptr, bn_ptr, dbn_ptr, sums
         for c0 in range(0, C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             mask = cs < C
-            _, _, dm, dv, _, _ = _sn_grad_terms(sg_ptr, sgc_ptr, rstd_ptr, w_ptr, row + cs, cs, mask, AFFINE)
+            _, _, dm, dv, _, _ = _sn_grad_terms(sg_ptr, sgc_ptr, rstd_ptr, w_ptr, centre_ptr, mean_ptr, row + cs, cs,
+                                                mask, AFFINE)
             _, rm_ln, _ = _ratios(mix_m_ptr, cs, mask, group_size, K, COL_IN, COL_LN, COL_BN, LOGITS, BLOCK_C, acc_ty)
             _, rv_ln, _ = _ratios(mix_v_ptr, cs, mask, group_size, K, COL_IN, COL_LN, COL_BN, LOGITS, BLOCK_C, acc_ty)
             total_m += rm_ln * dm
@@ -342,7 +353,8 @@ def sn_sample_grad_kernel(sg_ptr, sgc_ptr, mu_ptr, ln_ptr, bn_ptr, dbn_ptr, sums
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         mask = cs < C
-        _, a, dm, dv, _, _ = _sn_grad_terms(sg_ptr, sgc_ptr, rstd_ptr, w_ptr, row + cs, cs, mask, AFFINE)
+        _, a, dm, dv, _, _ = _sn_grad_terms(sg_ptr, sgc_ptr, rstd_ptr, w_ptr, centre_ptr, mean_ptr, row + cs, cs,
+                                            mask, AFFINE)
         rm_in, _, _ = _ratios(mix_m_ptr, cs, mask, group_size, K, COL_IN, COL_LN, COL_BN, LOGITS, BLOCK_C, acc_ty)
         rv_in, _, _ = _ratios(mix_v_ptr, cs, mask, group_size, K, COL_IN, COL_LN, COL_BN, LOGITS, BLOCK_C, acc_ty)
         mu = tl.load(mu_ptr + row + cs, mask=mask, other=0.)
@@ -354,10 +366,11 @@ def sn_sample_grad_kernel(sg_ptr, sgc_ptr, mu_ptr, ln_ptr, bn_ptr, dbn_ptr, sums
             mu_bn = tl.load(bn_ptr + cs, mask=mask, other=0.)
             p += 2 * k * d_var_bn
             q += d_mu_bn + 2 * d_var_bn * (mu - mu_bn)
-        q += p * (tl.load(mean_ptr + row + cs, mask=mask, other=0.) - mu)
-        tl.store(a_ptr + row + cs, a, mask=mask)
-        tl.store(p_ptr + row + cs, p, mask=mask)
-        tl.store(q_ptr + row + cs, q, mask=mask)
+        q += p * (tl.load(centre_ptr + row + cs, mask=mask, other=0.).to(acc_ty) - mu)
+        out_ty = a_ptr.dtype.element_ty
+        tl.store(a_ptr + row + cs, a.to(out_ty), mask=mask)
+        tl.store(p_ptr + row + cs, p.to(out_ty), mask=mask)
+        tl.store(q_ptr + row + cs, q.to(out_ty), mask=mask)
 
 
 @triton.jit
@@ -479,13 +492,15 @@ def _bcn_tile(m_ptr, v_ptr, sums_ptr, mean_ptr, var_ptr, rate_ptr, w_ptr, b_ptr,
 
 @triton.jit
 def bcn_forward_kernel(m_ptr, v_ptr, sums_ptr, mean_ptr, var_ptr, rate_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr,
-                       rmean_ptr, rvar_ptr, nbt_ptr, stats_ptr, scale_ptr, shift_ptr, N, C, G, eps, momentum,
+                       rmean_ptr, rvar_ptr, nbt_ptr, stats_ptr, centre_ptr, scale_ptr, shift_ptr, N, C, G, eps,
+                       momentum,
                        momentum_low,
                        MODE: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr,
                        AFFINE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
                        BLOCK_K: tl.constexpr):
-    """BCN's forward coefficients of one sample: ``y = (x - m) A + B`` with ``A = s a``,
-    ``B = s hc + group_bias``. Every program derives the per-channel statistics (MODE as in
+    """BCN's forward coefficients of one sample: ``y = (x - centre) A + B`` with ``A = s a``,
+    ``B = s hc + group_bias + (centre - m) A``, the centre being the row means ``m`` rounded to
+    x's accumulation dtype. Every program derives the per-channel statistics (MODE as in
     :func:`_bcn_channel_stats`) and program 0 records them in ``stats`` (2, C) for backward, then
     moves the running statistics (MODE 1 with UPDATE: the unbiased variance, and only for a batch
     of more than one element per channel) or the estimates (MODE 3). The estimates' previous values
@@ -520,22 +535,28 @@ def bcn_forward_kernel(m_ptr, v_ptr, sums_ptr, mean_ptr, var_ptr, rate_ptr, w_pt
         cs, mask, js, a, d, hc, v, s, rstd_g, rstd_c = _bcn_tile(
             m_ptr, v_ptr, sums_ptr, mean_ptr, var_ptr, rate_ptr, w_ptr, b_ptr, gw_ptr, row, sample, j0, C, G,
             eps, MODE, AFFINE, BLOCK_G, BLOCK_K)
-        shift = s[:, None] * hc
+        out_ty = centre_ptr.dtype.element_ty
+        m = tl.load(m_ptr + row + cs, mask=mask, other=0.).to(tl.float64)
+        centre = m.to(out_ty)
+        scale = s[:, None] * a
+        shift = s[:, None] * hc + (centre.to(tl.float64) - m) * scale
         if AFFINE:
             shift += tl.load(gb_ptr + js, mask=js < G, other=0.).to(tl.float64)[:, None]
-        tl.store(scale_ptr + row + cs, (s[:, None] * a).to(scale_ptr.dtype.element_ty), mask=mask)
-        tl.store(shift_ptr + row + cs, shift.to(shift_ptr.dtype.element_ty), mask=mask)
+        tl.store(centre_ptr + row + cs, centre, mask=mask)
+        tl.store(scale_ptr + row + cs, scale.to(out_ty), mask=mask)
+        tl.store(shift_ptr + row + cs, shift.to(out_ty), mask=mask)
 
 
 @triton.jit
-def bcn_sample_grad_kernel(s1_ptr, s2_ptr, m_ptr, v_ptr, stats_ptr, w_ptr, b_ptr, gw_ptr, e1_ptr, e2_ptr,
-                           grp_ptr, a_ptr, p_ptr, q_ptr, C, G, L, eps,
+def bcn_sample_grad_kernel(s1_ptr, s2_ptr, m_ptr, v_ptr, centre_ptr, stats_ptr, w_ptr, b_ptr, gw_ptr, e1_ptr,
+                           e2_ptr, grp_ptr, a_ptr, p_ptr, q_ptr, C, G, L, eps,
                            AFFINE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
     """One sample's share of BCN's backward from the row sums S1 = sum g, S2 = sum g (x - m) (see
     :mod:`norm_plugins.ops.batch_channel_norm_fn`): the gradients E1 = sum dL/dx', E2 = sum
     dL/dx' (x - m) per (n, c) for the per-channel reductions, ``grp`` (N, 2, G) = T rstd_g and the
     group sums of S1 for the group affine, and the input gradient's a, P, Q as they are for
-    constant per-channel statistics."""
+    constant per-channel statistics. The passes are centred on the rounded means: S2 is corrected
+    to sum g (x - m), and Q takes P (centre - m)."""
     n = tl.program_id(0)
     row = n.to(tl.int64) * C
     group_count = (C // G * L).to(tl.float64)
@@ -545,7 +566,9 @@ def bcn_sample_grad_kernel(s1_ptr, s2_ptr, m_ptr, v_ptr, stats_ptr, w_ptr, b_ptr
             m_ptr, v_ptr, stats_ptr, stats_ptr, stats_ptr + C, stats_ptr, w_ptr, b_ptr, gw_ptr, row, True, j0, C,
             G, eps, 2, AFFINE, BLOCK_G, BLOCK_K)
         s1 = tl.load(s1_ptr + row + cs, mask=mask, other=0.).to(tl.float64)
-        s2 = tl.load(s2_ptr + row + cs, mask=mask, other=0.).to(tl.float64)
+        offset = tl.load(centre_ptr + row + cs, mask=mask, other=0.).to(tl.float64) - \
+            tl.load(m_ptr + row + cs, mask=mask, other=0.)
+        s2 = tl.load(s2_ptr + row + cs, mask=mask, other=0.).to(tl.float64) + offset * s1
         t = tl.sum(a * s2 + hc * s1, 1)
         s1_group = tl.sum(s1, 1)
         p1 = -t * s * rstd_g * rstd_g / group_count
@@ -559,15 +582,17 @@ def bcn_sample_grad_kernel(s1_ptr, s2_ptr, m_ptr, v_ptr, stats_ptr, w_ptr, b_ptr
         tl.store(grp_ptr + n.to(tl.int64) * 2 * G + G + js, s1_group, mask=group_mask)
         out_ty = a_ptr.dtype.element_ty
         tl.store(a_ptr + row + cs, (s[:, None] * a).to(out_ty), mask=mask)
-        tl.store(p_ptr + row + cs, (a * a * p1[:, None]).to(out_ty), mask=mask)
-        tl.store(q_ptr + row + cs, (a * (q1[:, None] + p1[:, None] * hc)).to(out_ty), mask=mask)
+        p = a * a * p1[:, None]
+        tl.store(p_ptr + row + cs, p.to(out_ty), mask=mask)
+        tl.store(q_ptr + row + cs, (a * (q1[:, None] + p1[:, None] * hc) + p * offset).to(out_ty), mask=mask)
 
 
 @triton.jit
-def _bcn_batch_terms(p_ptr, q_ptr, m_ptr, stats_ptr, w_ptr, f1, f2, cs, mask, N, C, count, eps,
+def _bcn_batch_terms(p_ptr, q_ptr, centre_ptr, stats_ptr, w_ptr, f1, f2, cs, mask, N, C, count, eps,
                      AFFINE: tl.constexpr):
     """Subtract BatchNorm's batch-statistics terms from P and Q of channels ``cs`` for all samples:
-    P -= a rstd_c F2 / count, Q -= a (F1 + rstd_c (m - mean_c) F2) / count."""
+    P -= a rstd_c F2 / count, Q -= a (F1 + rstd_c (centre - mean_c) F2) / count (the change of P
+    times the pass's centre offset included)."""
     mean_c = tl.load(stats_ptr + cs, mask=mask, other=0.)
     rstd_c = 1. / tl.sqrt(tl.load(stats_ptr + C + cs, mask=mask, other=1.) + eps)
     a = rstd_c
@@ -577,7 +602,7 @@ def _bcn_batch_terms(p_ptr, q_ptr, m_ptr, stats_ptr, w_ptr, f1, f2, cs, mask, N,
     dp = a * rstd_c * f2 / total
     for n in range(0, N):
         offsets = n * C + cs
-        d = tl.load(m_ptr + offsets, mask=mask, other=0.).to(tl.float64) - mean_c
+        d = tl.load(centre_ptr + offsets, mask=mask, other=0.).to(tl.float64) - mean_c
         p = tl.load(p_ptr + offsets, mask=mask, other=0.).to(tl.float64) - dp
         q = tl.load(q_ptr + offsets, mask=mask, other=0.).to(tl.float64) - a * (f1 / total) - d * dp
         tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=mask)
@@ -585,8 +610,8 @@ def _bcn_batch_terms(p_ptr, q_ptr, m_ptr, stats_ptr, w_ptr, f1, f2, cs, mask, N,
 
 
 @triton.jit
-def bcn_channel_grad_kernel(e1_ptr, e2_ptr, grp_ptr, m_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr, dgw_ptr,
-                            dgb_ptr, f_ptr, p_ptr, q_ptr, N, C, G, eps,
+def bcn_channel_grad_kernel(e1_ptr, e2_ptr, grp_ptr, m_ptr, centre_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr,
+                            dgw_ptr, dgb_ptr, f_ptr, p_ptr, q_ptr, N, C, G, eps,
                             AFFINE: tl.constexpr, BATCH: tl.constexpr, SYNC: tl.constexpr,
                             BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr):
     """Per channel, over the samples: F1 = sum E1 (= d bias) and F2 = rstd_c sum (E2 + (m - mean_c) E1)
@@ -625,17 +650,17 @@ def bcn_channel_grad_kernel(e1_ptr, e2_ptr, grp_ptr, m_ptr, stats_ptr, w_ptr, su
             tl.store(f_ptr + cs, f1, mask=mask)
             tl.store(f_ptr + C + cs, f2, mask=mask)
         else:
-            _bcn_batch_terms(p_ptr, q_ptr, m_ptr, stats_ptr, w_ptr, f1, f2, cs, mask, N, C,
+            _bcn_batch_terms(p_ptr, q_ptr, centre_ptr, stats_ptr, w_ptr, f1, f2, cs, mask, N, C,
                              tl.load(sums_ptr + 2 * C), eps, AFFINE)
 
 
 @triton.jit
-def bcn_batch_terms_kernel(f_ptr, m_ptr, stats_ptr, w_ptr, sums_ptr, p_ptr, q_ptr, N, C, eps,
+def bcn_batch_terms_kernel(f_ptr, centre_ptr, stats_ptr, w_ptr, sums_ptr, p_ptr, q_ptr, N, C, eps,
                            AFFINE: tl.constexpr, BLOCK_C: tl.constexpr):
     """The batch terms of synchronized BCN's input gradient, from the all-reduced F1 and F2."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cs < C
     f1 = tl.load(f_ptr + cs, mask=mask, other=0.)
     f2 = tl.load(f_ptr + C + cs, mask=mask, other=0.)
-    _bcn_batch_terms(p_ptr, q_ptr, m_ptr, stats_ptr, w_ptr, f1, f2, cs, mask, N, C, tl.load(sums_ptr + 2 * C),
+    _bcn_batch_terms(p_ptr, q_ptr, centre_ptr, stats_ptr, w_ptr, f1, f2, cs, mask, N, C, tl.load(sums_ptr + 2 * C),
                      eps, AFFINE)

@@ -98,9 +98,10 @@ def moments_kernel(x_ptr, mean_ptr, var_ptr, part_ptr, R, C, L, chunk,
     Every lane runs Welford over the positions it visits, on x minus the row's first value: with
     |mean| >> std the shifted values keep every digit a float32 running mean would round away. The
     lanes are then merged exactly, M2 = sum_lanes M2_lane + count_lane * (mean_lane - mean)^2.
-    Partials keep the shift (every chunk of a row shares it); the final mean adds it back.
+    Partials keep the shift (every chunk of a row shares it); the final mean adds it back in the
+    mean's dtype (float64), where nothing of the shifted mean is lost.
     """
-    acc_ty = mean_ptr.dtype.element_ty
+    acc_ty = var_ptr.dtype.element_ty
     n, cs, c_mask = _tile_origin(C, BLOCK_C, INT64)
     start, end = _chunk_bounds(L, chunk, ROW_ALIGN)
     x_base = _rows(x_ptr, n, cs, stride_xn, stride_xc, ROW_ALIGN)
@@ -123,7 +124,8 @@ def moments_kernel(x_ptr, mean_ptr, var_ptr, part_ptr, R, C, L, chunk,
     spread = mean - chunk_mean[:, None]
     chunk_m2 = tl.sum(m2 + counts[None, :] * spread * spread, axis=1)
     if FINAL:
-        chunk_mean += tl.reshape(shift, [BLOCK_C])
+        mean_ty = mean_ptr.dtype.element_ty
+        chunk_mean = chunk_mean.to(mean_ty) + tl.reshape(shift, [BLOCK_C]).to(mean_ty)
         chunk_m2 = chunk_m2 / tl.cast(total, acc_ty)
     _store_pair(chunk_mean, chunk_m2, mean_ptr, var_ptr, part_ptr, R, n * C + cs, c_mask, FINAL)
 
@@ -160,8 +162,8 @@ def combine_kernel(part_ptr, x_ptr, out1_ptr, out2_ptr, R, C, L, chunk, n_split,
                    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, MOMENTS: tl.constexpr):
     """Merges the (2, R, n_split) per-chunk partials of BLOCK_R rows: plain sums, or (MOMENTS)
     chunk means (shifted by the row's first value x[n, c, 0]) and M2 by Chan's formula into mean
-    and biased variance."""
-    acc_ty = out1_ptr.dtype.element_ty
+    and biased variance (the mean in out1's dtype, float64)."""
+    acc_ty = out2_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     slots = tl.arange(0, BLOCK_S)
     row_mask = rows < R
@@ -175,7 +177,8 @@ def combine_kernel(part_ptr, x_ptr, out1_ptr, out2_ptr, R, C, L, chunk, n_split,
         spread = first - shifted_mean[:, None]
         m2 = tl.sum(second + counts[None, :] * spread * spread, axis=1)
         row_starts = x_ptr + (rows // C).to(tl.int64) * stride_xn + (rows % C).to(tl.int64) * stride_xc
-        mean = tl.load(row_starts, mask=row_mask, other=0.).to(acc_ty) + shifted_mean
+        mean_ty = out1_ptr.dtype.element_ty
+        mean = tl.load(row_starts, mask=row_mask, other=0.).to(mean_ty) + shifted_mean.to(mean_ty)
         tl.store(out1_ptr + rows, mean, mask=row_mask)
         tl.store(out2_ptr + rows, m2 / tl.cast(L, acc_ty), mask=row_mask)
     else:

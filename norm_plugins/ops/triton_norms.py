@@ -82,10 +82,18 @@ def batch_sums(m: Tensor, v: Tensor, centre: Optional[Tensor], spread: Optional[
     return sums
 
 
+def _sn_forward_outputs(mu: Tensor, var: Tensor):
+    """(centre, M, rstd, A, B, ln, bn): the passes' coefficients in var's dtype, the rest float64."""
+    n, c = mu.shape
+    f64 = torch.float64
+    return (torch.empty_like(var), mu.new_empty((n, c), dtype=f64), mu.new_empty((n, c), dtype=f64),
+            torch.empty_like(var), torch.empty_like(var), mu.new_empty((n, 2), dtype=f64),
+            mu.new_empty((2, c), dtype=f64))
+
+
 def _fake_sn_forward(mu, var, mean_mix, var_mix, weight, bias, sums, running_mean, running_var, nbt,
                      normalizers, logits, bn_mode, update, momentum, eps, unbiased, spatial):
-    n, c = mu.shape
-    return (*(torch.empty_like(mu) for _ in range(4)), mu.new_empty((n, 2)), mu.new_empty((2, c)))
+    return _sn_forward_outputs(mu, var)
 
 
 @_op('sn_forward', mutates_args=('running_mean', 'running_var', 'nbt'), fake=_fake_sn_forward)
@@ -93,21 +101,20 @@ def sn_forward(mu: Tensor, var: Tensor, mean_mix: Tensor, var_mix: Tensor, weigh
                bias: Optional[Tensor], sums: Optional[Tensor], running_mean: Optional[Tensor],
                running_var: Optional[Tensor], nbt: Optional[Tensor], normalizers: str, logits: bool,
                bn_mode: int, update: bool, momentum: Optional[float], eps: float, unbiased: bool,
-               spatial: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """SN's forward coefficients: ``(M, rstd, A, B, ln, bn)`` (``ln`` (N, 2): per-sample LN moments;
-    ``bn`` (2, C): the batch's BN moments when ``bn_mode`` is 1), moving the running statistics
-    when ``update``. ``var_mix`` is ``mean_mix`` for tied ratios."""
+               spatial: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """SN's forward coefficients: ``(centre, M, rstd, A, B, ln, bn)`` (``ln`` (N, 2): per-sample LN
+    moments; ``bn`` (2, C): the batch's BN moments when ``bn_mode`` is 1), moving the running
+    statistics when ``update``. ``var_mix`` is ``mean_mix`` for tied ratios."""
     n, c = mu.shape
-    mean, rstd, scale, shift = (torch.empty_like(mu) for _ in range(4))
-    ln, bn = mu.new_empty((n, 2)), mu.new_empty((2, c))
+    centre, mean, rstd, scale, shift, ln, bn = outputs = _sn_forward_outputs(mu, var)
     groups = mean_mix.numel() // _count(normalizers)
     launch(kernels.sn_forward_kernel, (max(n, 1),), mu.device, mu, var, mean_mix, var_mix,
            _or(weight, mu), _or(bias, mu), _or(sums, mu), _or(running_mean, mu), _or(running_var, mu),
-           _or(nbt, mu), mean, rstd, scale, shift, ln, bn, n, c, spatial, c // groups, eps,
+           _or(nbt, mu), centre, mean, rstd, scale, shift, ln, bn, n, c, spatial, c // groups, eps,
            *_float32_parts(momentum), **_columns(normalizers), LOGITS=logits, BN_MODE=bn_mode,
            UPDATE=update, CUMULATIVE=momentum is None, AFFINE=weight is not None, UNBIASED=unbiased,
            BLOCK_C=_tile(c, SAMPLE_TILE))
-    return mean, rstd, scale, shift, ln, bn
+    return outputs
 
 
 def _or(tensor: Optional[Tensor], placeholder: Tensor) -> Tensor:
@@ -115,17 +122,18 @@ def _or(tensor: Optional[Tensor], placeholder: Tensor) -> Tensor:
     return placeholder if tensor is None else tensor
 
 
-def _fake_sn_channel_grads(sum_g, sum_gc, mu, var, ln, bn, running_mean, running_var, rstd, weight, mean_mix,
-                           var_mix, normalizers, logits, bn_mode, unbiased, spatial):
+def _fake_sn_channel_grads(sum_g, sum_gc, mu, var, ln, bn, running_mean, running_var, centre, mean, rstd, weight,
+                           mean_mix, var_mix, normalizers, logits, bn_mode, unbiased, spatial):
     c = mu.shape[1]
     like = weight if weight is not None else mu.new_empty(0)
-    return (like.new_empty(c), like.new_empty(c), mu.new_empty(2 * c, dtype=torch.float64), mu.new_empty((c, 6)))
+    return (like.new_empty(c), like.new_empty(c), mu.new_empty(2 * c, dtype=torch.float64),
+            mu.new_empty((c, 6), dtype=torch.float64))
 
 
 @_op('sn_channel_grads', fake=_fake_sn_channel_grads)
 def sn_channel_grads(sum_g: Tensor, sum_gc: Tensor, mu: Tensor, var: Tensor, ln: Tensor, bn: Tensor,
-                     running_mean: Optional[Tensor], running_var: Optional[Tensor], rstd: Tensor,
-                     weight: Optional[Tensor], mean_mix: Tensor, var_mix: Tensor, normalizers: str,
+                     running_mean: Optional[Tensor], running_var: Optional[Tensor], centre: Tensor, mean: Tensor,
+                     rstd: Tensor, weight: Optional[Tensor], mean_mix: Tensor, var_mix: Tensor, normalizers: str,
                      logits: bool, bn_mode: int, unbiased: bool, spatial: int
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per channel: ``(d weight, d bias, dbn, part)``; ``dbn`` (2C, float64) are the BN moments'
@@ -133,31 +141,33 @@ def sn_channel_grads(sum_g: Tensor, sum_gc: Tensor, mu: Tensor, var: Tensor, ln:
     n, c = mu.shape
     like = weight if weight is not None else mu.new_empty(0)
     d_weight, d_bias = like.new_empty(c), like.new_empty(c)
-    dbn, part = mu.new_empty(2 * c, dtype=torch.float64), mu.new_empty((c, 6))
+    dbn, part = mu.new_empty(2 * c, dtype=torch.float64), mu.new_empty((c, 6), dtype=torch.float64)
     block = _tile(c, CHANNEL_TILE)
     launch(kernels.sn_channel_grad_kernel, (triton.cdiv(c, block),), mu.device, sum_g, sum_gc, mu, var, ln, bn,
-           _or(running_mean, mu), _or(running_var, mu), rstd, _or(weight, mu), mean_mix, var_mix, d_weight, d_bias,
+           _or(running_mean, mu), _or(running_var, mu), centre, mean, rstd, _or(weight, mu), mean_mix, var_mix,
+           d_weight, d_bias,
            dbn, part, n, c, spatial, c * _count(normalizers) // mean_mix.numel(), **_columns(normalizers),
            LOGITS=logits, BN_MODE=bn_mode, AFFINE=weight is not None, UNBIASED=unbiased, BLOCK_C=block)
     return d_weight, d_bias, dbn, part
 
 
-def _fake_sn_sample_grads(sum_g, sum_gc, mu, ln, bn, dbn, sums, mean, rstd, weight, mean_mix, var_mix,
+def _fake_sn_sample_grads(sum_g, sum_gc, mu, ln, bn, dbn, sums, centre, mean, rstd, weight, mean_mix, var_mix,
                           normalizers, logits, batch, unbiased, spatial):
-    return tuple(torch.empty_like(mu) for _ in range(3))
+    return tuple(torch.empty_like(centre) for _ in range(3))
 
 
 @_op('sn_sample_grads', fake=_fake_sn_sample_grads)
 def sn_sample_grads(sum_g: Tensor, sum_gc: Tensor, mu: Tensor, ln: Tensor, bn: Tensor, dbn: Tensor,
-                    sums: Optional[Tensor], mean: Tensor, rstd: Tensor, weight: Optional[Tensor], mean_mix: Tensor,
-                    var_mix: Tensor, normalizers: str, logits: bool, batch: bool, unbiased: bool,
+                    sums: Optional[Tensor], centre: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                    mean_mix: Tensor, var_mix: Tensor, normalizers: str, logits: bool, batch: bool, unbiased: bool,
                     spatial: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """The input gradient's ``(a, P, Q)``, with the (all-reduced) ``dbn`` when ``batch``."""
+    """The input gradient's ``(a, P, Q)`` for the pass centred on ``centre``, with the
+    (all-reduced) ``dbn`` when ``batch``."""
     n, c = mu.shape
-    a, p, q = (torch.empty_like(mu) for _ in range(3))
+    a, p, q = (torch.empty_like(centre) for _ in range(3))
     if n:
-        launch(kernels.sn_sample_grad_kernel, (n,), mu.device, sum_g, sum_gc, mu, ln, bn, dbn, _or(sums, mu), mean,
-               rstd, _or(weight, mu), mean_mix, var_mix, a, p, q, c, spatial,
+        launch(kernels.sn_sample_grad_kernel, (n,), mu.device, sum_g, sum_gc, mu, ln, bn, dbn, _or(sums, mu), centre,
+               mean, rstd, _or(weight, mu), mean_mix, var_mix, a, p, q, c, spatial,
                c * _count(normalizers) // mean_mix.numel(), **_columns(normalizers), LOGITS=logits, BATCH=batch,
                AFFINE=weight is not None, UNBIASED=unbiased, BLOCK_C=_tile(c, SAMPLE_TILE))
     return a, p, q
@@ -184,9 +194,15 @@ def _group_tiles(c: int, groups: int) -> dict:
     return dict(BLOCK_G=_tile(groups, max(1, GROUP_TILE_ELEMENTS // block_k)), BLOCK_K=block_k)
 
 
+def _bcn_forward_outputs(m: Tensor, v: Tensor):
+    """(centre, A, B) in v's dtype and the per-channel statistics (2, C, float64)."""
+    return (torch.empty_like(v), torch.empty_like(v), torch.empty_like(v),
+            m.new_empty((2, m.shape[1]), dtype=torch.float64))
+
+
 def _fake_bcn_forward(m, v, sums, mean, var, rate, weight, bias, group_weight, group_bias, running_mean,
                       running_var, nbt, groups, eps, momentum, stats_mode, update):
-    return torch.empty_like(m), torch.empty_like(m), m.new_empty((2, m.shape[1]), dtype=torch.float64)
+    return _bcn_forward_outputs(m, v)
 
 
 @_op('bcn_forward', mutates_args=('mean', 'var', 'running_mean', 'running_var', 'nbt'), fake=_fake_bcn_forward)
@@ -194,44 +210,45 @@ def bcn_forward(m: Tensor, v: Tensor, sums: Optional[Tensor], mean: Optional[Ten
                 rate: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                 group_weight: Optional[Tensor], group_bias: Optional[Tensor], running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], nbt: Optional[Tensor], groups: int, eps: float,
-                momentum: Optional[float], stats_mode: int, update: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """BCN's forward coefficients ``(A, B, stats)`` with the per-channel statistics ``stats`` (2, C,
-    float64) they used; ``stats_mode`` as ``_bcn_channel_stats`` (micro-batch training updates
+                momentum: Optional[float], stats_mode: int, update: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BCN's forward coefficients ``(centre, A, B, stats)`` with the per-channel statistics ``stats``
+    (2, C, float64) they used; ``stats_mode`` as ``_bcn_channel_stats`` (micro-batch training updates
     ``mean``/``var``, the estimates, at rate ``rate``), ``update``: move the running statistics."""
     n, c = m.shape
-    scale, shift = torch.empty_like(m), torch.empty_like(m)
-    stats = m.new_empty((2, c), dtype=torch.float64)
+    centre, scale, shift, stats = outputs = _bcn_forward_outputs(m, v)
     launch(kernels.bcn_forward_kernel, (max(n, 1),), m.device, m, v, _or(sums, m), _or(mean, m), _or(var, m),
            _or(rate, m), _or(weight, m), _or(bias, m), _or(group_weight, m), _or(group_bias, m),
-           _or(running_mean, m), _or(running_var, m), _or(nbt, m), stats, scale, shift, n, c, groups, eps,
+           _or(running_mean, m), _or(running_var, m), _or(nbt, m), stats, centre, scale, shift, n, c, groups, eps,
            *_float32_parts(momentum), MODE=stats_mode, UPDATE=update, CUMULATIVE=momentum is None,
            AFFINE=weight is not None, BLOCK_C=_tile(c, SAMPLE_TILE), **_group_tiles(c, groups))
-    return scale, shift, stats
+    return outputs
 
 
-def _fake_bcn_sample_grads(s1, s2, m, v, stats, weight, bias, group_weight, groups, eps, spatial):
+def _fake_bcn_sample_grads(s1, s2, m, v, centre, stats, weight, bias, group_weight, groups, eps, spatial):
     n, c = m.shape
     return (m.new_empty((n, c), dtype=torch.float64), m.new_empty((n, c), dtype=torch.float64),
-            m.new_empty((n, 2, groups), dtype=torch.float64), *(torch.empty_like(m) for _ in range(3)))
+            m.new_empty((n, 2, groups), dtype=torch.float64), *(torch.empty_like(centre) for _ in range(3)))
 
 
 @_op('bcn_sample_grads', fake=_fake_bcn_sample_grads)
-def bcn_sample_grads(s1: Tensor, s2: Tensor, m: Tensor, v: Tensor, stats: Tensor, weight: Optional[Tensor],
-                     bias: Optional[Tensor], group_weight: Optional[Tensor], groups: int, eps: float,
-                     spatial: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per sample: ``(E1, E2, grp, a, P, Q)`` of BCN's backward, P and Q without batch terms."""
+def bcn_sample_grads(s1: Tensor, s2: Tensor, m: Tensor, v: Tensor, centre: Tensor, stats: Tensor,
+                     weight: Optional[Tensor], bias: Optional[Tensor], group_weight: Optional[Tensor], groups: int,
+                     eps: float, spatial: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per sample: ``(E1, E2, grp, a, P, Q)`` of BCN's backward for passes centred on ``centre``,
+    P and Q without batch terms."""
     n, c = m.shape
     e1, e2 = m.new_empty((n, c), dtype=torch.float64), m.new_empty((n, c), dtype=torch.float64)
     grp = m.new_empty((n, 2, groups), dtype=torch.float64)
-    a, p, q = (torch.empty_like(m) for _ in range(3))
+    a, p, q = (torch.empty_like(centre) for _ in range(3))
     if n:
-        launch(kernels.bcn_sample_grad_kernel, (n,), m.device, s1, s2, m, v, stats, _or(weight, m), _or(bias, m),
+        launch(kernels.bcn_sample_grad_kernel, (n,), m.device, s1, s2, m, v, centre, stats, _or(weight, m),
+               _or(bias, m),
                _or(group_weight, m), e1, e2, grp, a, p, q, c, groups, spatial, eps, AFFINE=weight is not None,
                **_group_tiles(c, groups))
     return e1, e2, grp, a, p, q
 
 
-def _fake_bcn_channel_grads(e1, e2, grp, m, stats, weight, sums, p, q, groups, eps, batch, sync):
+def _fake_bcn_channel_grads(e1, e2, grp, m, centre, stats, weight, sums, p, q, groups, eps, batch, sync):
     c = m.shape[1]
     like = weight if weight is not None else m.new_empty(0)
     return (like.new_empty(c), like.new_empty(c), like.new_empty(groups), like.new_empty(groups),
@@ -239,9 +256,9 @@ def _fake_bcn_channel_grads(e1, e2, grp, m, stats, weight, sums, p, q, groups, e
 
 
 @_op('bcn_channel_grads', mutates_args=('p', 'q'), fake=_fake_bcn_channel_grads)
-def bcn_channel_grads(e1: Tensor, e2: Tensor, grp: Tensor, m: Tensor, stats: Tensor, weight: Optional[Tensor],
-                      sums: Optional[Tensor], p: Tensor, q: Tensor, groups: int, eps: float, batch: bool,
-                      sync: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def bcn_channel_grads(e1: Tensor, e2: Tensor, grp: Tensor, m: Tensor, centre: Tensor, stats: Tensor,
+                      weight: Optional[Tensor], sums: Optional[Tensor], p: Tensor, q: Tensor, groups: int, eps: float,
+                      batch: bool, sync: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(d weight, d bias, d group_weight, d group_bias, f)``; with batch statistics, P and Q get
     their batch terms in place, or (``sync``) ``f`` holds F1, F2 for the all-reduce."""
     n, c = m.shape
@@ -252,21 +269,22 @@ def bcn_channel_grads(e1: Tensor, e2: Tensor, grp: Tensor, m: Tensor, stats: Ten
     block_c = _tile(c, CHANNEL_TILE)
     block_g = _tile(groups, CHANNEL_TILE)
     grid = max(triton.cdiv(c, block_c), triton.cdiv(groups, block_g))
-    launch(kernels.bcn_channel_grad_kernel, (grid,), m.device, e1, e2, grp, m, stats, _or(weight, m), _or(sums, m),
+    launch(kernels.bcn_channel_grad_kernel, (grid,), m.device, e1, e2, grp, m, centre, stats, _or(weight, m),
+           _or(sums, m),
            d_weight, d_bias, d_group_weight, d_group_bias, f, p, q, n, c, groups, eps, AFFINE=weight is not None,
            BATCH=batch, SYNC=sync, BLOCK_C=block_c, BLOCK_G=block_g)
     return d_weight, d_bias, d_group_weight, d_group_bias, f
 
 
-def _fake_bcn_batch_terms(f, m, stats, weight, sums, p, q, eps):
+def _fake_bcn_batch_terms(f, m, centre, stats, weight, sums, p, q, eps):
     return None
 
 
 @_op('bcn_batch_terms', mutates_args=('p', 'q'), fake=_fake_bcn_batch_terms)
-def bcn_batch_terms(f: Tensor, m: Tensor, stats: Tensor, weight: Optional[Tensor], sums: Tensor, p: Tensor,
-                    q: Tensor, eps: float) -> None:
+def bcn_batch_terms(f: Tensor, m: Tensor, centre: Tensor, stats: Tensor, weight: Optional[Tensor], sums: Tensor,
+                    p: Tensor, q: Tensor, eps: float) -> None:
     """Synchronized BCN: P and Q get the batch terms of the all-reduced F1, F2, in place."""
     n, c = m.shape
     block = _tile(c, CHANNEL_TILE)
-    launch(kernels.bcn_batch_terms_kernel, (triton.cdiv(c, block),), m.device, f, m, stats, _or(weight, m), sums,
-           p, q, n, c, eps, AFFINE=weight is not None, BLOCK_C=block)
+    launch(kernels.bcn_batch_terms_kernel, (triton.cdiv(c, block),), m.device, f, centre, stats, _or(weight, m),
+           sums, p, q, n, c, eps, AFFINE=weight is not None, BLOCK_C=block)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import triton_kernels as kernels
 from .backend import LAUNCH_LISTENERS
-from .rowwise import accumulation_dtype
+from .rowwise import MEAN_DTYPE, accumulation_dtype
 
 # A tile of 2048 elements: 16 per thread at 4 warps (8 KB of float32 per load).
 TILE = 2048
@@ -169,13 +169,14 @@ def _grid(n: int, c: int, plan: Plan) -> Tuple[int, int]:
 
 
 def _reduce(kernel, inputs, strides, x: Tensor, out_dtype: torch.dtype, plan: Plan, moments: bool,
-            flags: dict) -> Tuple[Tensor, Tensor]:
-    """Launches a reduction kernel and, for split rows, the combine kernel: two (N, C) results."""
+            flags: dict, first_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """Launches a reduction kernel and, for split rows, the combine kernel: two (N, C) results, the
+    first in ``first_dtype`` (default ``out_dtype``)."""
     n, c, length = x.shape
-    out1 = x.new_empty((n, c), dtype=out_dtype)
+    out1 = x.new_empty((n, c), dtype=first_dtype or out_dtype)
     out2 = x.new_empty((n, c), dtype=out_dtype)
     final = plan.split == 1
-    part = out1 if final else x.new_empty((2, n * c, plan.split), dtype=out_dtype)
+    part = out2 if final else x.new_empty((2, n * c, plan.split), dtype=out_dtype)
     launch(kernel, _grid(n, c, plan), x.device, *inputs, out1, out2, part, n * c, c, length, plan.chunk,
            *strides, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, FINAL=final, **flags)
     if not final:
@@ -198,9 +199,9 @@ def row_moments_impl(x: Tensor, plan: Optional[Plan] = None) -> Tuple[Tensor, Te
     n, c, length = _check_rows(x)
     acc = accumulation_dtype(x.dtype)
     if x.numel() == 0:  # zeros for rows of no values, as rowwise's torch path gives
-        return x.new_zeros((n, c), dtype=acc), x.new_zeros((n, c), dtype=acc)
+        return x.new_zeros((n, c), dtype=MEAN_DTYPE), x.new_zeros((n, c), dtype=acc)
     return _reduce(kernels.moments_kernel, (x,), x.stride(), x, acc, plan or plan_for(x), True,
-                   index_flags(x))
+                   index_flags(x), MEAN_DTYPE)
 
 
 def row_grad_sums_impl(grad: Tensor, x: Tensor, centre: Tensor,
@@ -253,8 +254,7 @@ def _row_moments_op(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 @_row_moments_op.register_fake
 def _(x):
-    acc = accumulation_dtype(x.dtype)
-    return x.new_empty(x.shape[:2], dtype=acc), x.new_empty(x.shape[:2], dtype=acc)
+    return x.new_empty(x.shape[:2], dtype=MEAN_DTYPE), x.new_empty(x.shape[:2], dtype=accumulation_dtype(x.dtype))
 
 
 @torch.library.custom_op('norm_plugins::row_grad_sums', mutates_args=())

@@ -4,9 +4,7 @@ import itertools
 
 import pytest
 import torch
-from mmcv.cnn import build_norm_layer
 
-import norm_plugins  # noqa: F401 - registers SSN
 from norm_plugins.layers import SparseSwitchableNorm, SwitchableNorm, SyncSparseSwitchableNorm
 from norm_plugins.layers import switchable_norm as sn_module
 from norm_plugins.layers.sparse_switchable_norm import refresh_frozen
@@ -238,7 +236,7 @@ def test_refusals_name_the_fix():
     with pytest.raises(ValueError, match="type='SN', hard_ratios=True"):
         SparseSwitchableNorm(4, hard_ratios=True)
     with pytest.raises(ValueError, match="type='SN', hard_ratios=True"):
-        build_norm_layer(dict(type='SyncSSN', hard_ratios=True), 4)
+        SyncSparseSwitchableNorm(4, hard_ratios=True)
     layer = SparseSwitchableNorm(4)
     for bad in (-0.1, float('nan'), float('inf'), '0.5', True, torch.tensor(0.5)):
         with pytest.raises(ValueError, match='radius must be a finite number >= 0'):
@@ -248,14 +246,6 @@ def test_refusals_name_the_fix():
             layer.set_radius(0.1, iteration=bad)
     with pytest.raises(ValueError, match='ratio_groups=4 does not divide'):
         SparseSwitchableNorm(6, ratio_groups=4)
-
-
-def test_built_from_norm_cfg_with_the_ssn_abbreviation():
-    name, layer = build_norm_layer(dict(type='SSN', ratio_groups=2, momentum=0.003), 8, postfix=1)
-    assert name == 'ssn1' and isinstance(layer, SparseSwitchableNorm) and layer.mean_weight.shape == (2, 3)
-    name, sync = build_norm_layer(dict(type='SyncSSN', group_size=8), 8)
-    assert name == 'ssn' and isinstance(sync, SyncSparseSwitchableNorm) and sync.group_size == 8
-    assert 'group_size=8' in repr(sync)
 
 
 class _Calls:

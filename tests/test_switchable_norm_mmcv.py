@@ -1,4 +1,4 @@
-"""SN and SyncSN built the OpenMMLab way: registration, mmcv's builders, mmdet and mmseg backbones."""
+"""SN, SyncSN, SSN and SyncSSN built the OpenMMLab way: registration, mmcv's builders, mmdet and mmseg backbones."""
 import importlib
 
 import pytest
@@ -8,6 +8,7 @@ from mmengine.registry import MODELS
 
 import norm_plugins  # registers the layers
 from norm_plugins import SwitchableNorm, SyncSwitchableNorm
+from norm_plugins.layers import SparseSwitchableNorm, SyncSparseSwitchableNorm
 from norm_plugins.registry import register
 
 
@@ -85,3 +86,11 @@ def test_registration_survives_reload_and_refuses_foreign_names():
     with pytest.raises(KeyError, match='already registered'):
         register(MODELS, 'SN', Impostor)
     assert norm_plugins.__version__
+
+
+def test_ssn_built_from_norm_cfg_with_its_abbreviation():
+    name, layer = build_norm_layer(dict(type='SSN', ratio_groups=2, momentum=0.003), 8, postfix=1)
+    assert name == 'ssn1' and isinstance(layer, SparseSwitchableNorm) and layer.mean_weight.shape == (2, 3)
+    name, sync = build_norm_layer(dict(type='SyncSSN', group_size=8), 8)
+    assert name == 'ssn' and isinstance(sync, SyncSparseSwitchableNorm) and sync.group_size == 8
+    assert 'group_size=8' in repr(sync)

@@ -1,4 +1,4 @@
-"""norm_plugins: SN, SyncSN, BCN and WSConv for mmdet and mmsegmentation.
+"""norm_plugins: SN, SyncSN, SSN, BCN and WSConv for mmdet and mmsegmentation.
 
 The layers need only torch (and triton for their GPU kernels), so they also serve plain PyTorch code.
 With mmengine installed, importing the package registers every layer on mmengine's root registries,
@@ -44,7 +44,8 @@ except ModuleNotFoundError as err:
         raise
     warnings.warn(
         'norm_plugins: mmengine is not installed, so only the layers are usable: SwitchableNorm, '
-        'SyncSwitchableNorm, BatchChannelNorm and WSConv1d/2d/3d work in plain PyTorch '
+        'SyncSwitchableNorm, SparseSwitchableNorm, SyncSparseSwitchableNorm, BatchChannelNorm and '
+        'WSConv1d/2d/3d work in plain PyTorch '
         '(norm_plugins.layers, with the Triton kernels). The OpenMMLab parts (norm_cfg/conv_cfg '
         'registration, hooks, NormAwareOptimWrapperConstructor, decode heads, pretrained backbones, '
         'the training and analysis tools) need mmengine, mmcv, mmdet and mmsegmentation: install them '

@@ -18,7 +18,8 @@ Memory, as a multiple of the input's size:
   gradient), minus the input gradient every layer must produce. cuDNN BatchNorm scores 1 (its output).
 - cpu: PyTorch has no CPU allocator statistics, so the figure is what the layer keeps alive for
   backward (saved tensors), the part that grows with network depth.
-Parameters stay float32 for half-precision inputs, as under AMP.
+Norm parameters stay float32 for half-precision inputs, as under AMP; convolutions take the input's
+dtype, as autocast casts them.
 
 ``--count`` times nothing: it counts the kernel launches of one training forward and one backward
 per layer and backend at ``--shapes`` (default 2x256x13x21, an FPN level of a small image) with a
@@ -231,6 +232,9 @@ def benchmark(layer_names, shapes, dtypes, device: torch.device, warmup: int, re
             grad = torch.randn(shape, generator=gen, device=device).to(dtype)
             for name in layer_names:
                 layer = LAYERS[name](shape[1]).to(device).train()
+                if isinstance(layer, nn.Conv2d):
+                    # A convolution takes its input's dtype (autocast casts its weights the same way).
+                    layer = layer.to(dtype)
                 for backend in backends if uses_backend(layer) else ['-']:
                     try:
                         ms, mem = measure(layer, x, grad, backend, warmup, repeats)

@@ -94,10 +94,10 @@ def row_normalize(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor) -> Te
         fused = cpu_fused.run('normalize', x, centre, scale, shift)
         if fused is not None:
             return _in_layout_of(x, fused)
-    y = torch.empty_like(x)
     blocks = _channel_blocks(x)
     if blocks is None:
-        return y.copy_(_reference_affine(x, centre, scale, shift))
+        return _cast(_reference_affine(x, centre, scale, shift), x.dtype)
+    y = torch.empty_like(x)
     if x.dtype in (torch.float16, torch.bfloat16):
         for out, block, *coefficients in zip(_channel_blocks(y), blocks,
                                              *(_row_blocks(x, t) for t in (centre, scale, shift))):
@@ -141,10 +141,11 @@ def row_normalize_backward(grad: Tensor, x: Tensor, centre: Tensor, a: Tensor, p
         fused = cpu_fused.run('backward', grad, x, centre, a, p, q)
         if fused is not None:
             return _in_layout_of(x, fused)
-    dx = torch.empty_like(x)
     blocks = _channel_blocks(x)
     if blocks is None or grad.stride() != x.stride():
-        return dx.copy_(_reference_affine(x, centre, p, q).addcmul_(grad.to(a.dtype), a.unsqueeze(-1)))
+        dx = _reference_affine(x, centre, p, q).addcmul_(grad.to(a.dtype), a.unsqueeze(-1))
+        return _in_layout_of(x, _cast(dx, x.dtype))
+    dx = torch.empty_like(x)
     if x.dtype in (torch.float16, torch.bfloat16):
         for out, block, grad_block, centre_block, a_block, p_block, q_block in zip(
                 _channel_blocks(dx), blocks, _channel_blocks(grad),
@@ -168,8 +169,15 @@ def _in_layout_of(x: Tensor, result: Tensor) -> Tensor:
 
 def _reference_affine(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``(x - centre) * scale + shift`` in the accumulation dtype, for layouts the kernels do not take."""
-    xs = x.to(centre.dtype)
-    return (xs - centre.unsqueeze(-1)).mul_(scale.unsqueeze(-1)).add_(shift.unsqueeze(-1))
+    # Out of place, as the result may be a forward's output (see _cast).
+    return torch.addcmul(shift.unsqueeze(-1), x.to(centre.dtype) - centre.unsqueeze(-1), scale.unsqueeze(-1))
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the no-op alias when t has that dtype: torch 2.11's torch.compile
+    takes the gradient of an autograd.Function output that aliases one of the forward's
+    intermediates (a no-op cast, an in-place op's result) for zeros."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _half_affine(block: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> None:

@@ -6,7 +6,8 @@ need torch (and triton) alone; those through mmdet/mmseg are in test_cuda_toolbo
 - one training step of an SN and a BCN+WS ResNet-18 (torch.nn and this package's layers) under fp16
   autocast with GradScaler and under bf16 autocast, against the same step in float32;
 - SyncSN and synchronized BCN in an NCCL process group of world size 1 equal their unsynchronized forms;
-- the Triton kernels (``NORM_PLUGINS_BACKEND=auto`` on CUDA tensors) against the torch path.
+- the Triton kernels (``NORM_PLUGINS_BACKEND=auto`` on CUDA tensors) against the torch path;
+- a training step of SN, SyncSN and BCN (both modes) captured in a CUDA graph and replayed, against eager.
 
 Errors are measured against the reference's largest magnitude, at least 1 (the values compared are
 O(1) or sums of them; mixture-logit gradients are small differences of such sums), so one tolerance
@@ -402,3 +403,46 @@ def test_triton_layers_match_torch_path(monkeypatch, name, layout, dtype):
             assert_near(actual, reference, TOLERANCES[reference.dtype], key)
         else:
             assert torch.equal(actual, reference), key
+
+
+@pytest.mark.parametrize('name', list(LAYERS))
+def test_training_step_replays_from_a_cuda_graph(name):
+    """A training forward+backward captured once and replayed on new data gives what eager gives:
+    no host synchronization in either direction, and statistics updated on the device."""
+    torch.manual_seed(0)
+    layer = LAYERS[name]().to(DEVICE)
+    static_x = torch.randn(LAYER_SHAPE, device=DEVICE, requires_grad=True)
+    static_grad = torch.randn(LAYER_SHAPE, device=DEVICE)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles the kernels and settles lazy state before capture
+        for _ in range(3):
+            layer(static_x).backward(static_grad)
+    torch.cuda.current_stream().wait_stream(side)
+    eager = copy.deepcopy(layer)
+    layer.zero_grad(set_to_none=True)
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+        static_y.backward(static_grad)
+
+    x, grad = sample(LAYER_SHAPE).to(DEVICE), torch.randn(LAYER_SHAPE, device=DEVICE)
+    with torch.no_grad():
+        static_x.copy_(x)
+        static_grad.copy_(grad)
+    graph.replay()
+    inp = x.clone().requires_grad_()
+    eager.zero_grad(set_to_none=True)
+    y = eager(inp)
+    y.backward(grad)
+    assert_near(static_y, y, TOLERANCES[torch.float32], 'output')
+    assert_near(static_x.grad, inp.grad, TOLERANCES[torch.float32], 'input gradient')
+    for key, p in eager.named_parameters():
+        assert_near(dict(layer.named_parameters())[key].grad, p.grad, TOLERANCES[torch.float32], f'{key} gradient')
+    for key, buf in eager.named_buffers():
+        replayed = dict(layer.named_buffers())[key]
+        if buf.is_floating_point():
+            assert_near(replayed, buf, TOLERANCES[torch.float32], key)
+        else:
+            assert torch.equal(replayed, buf), key

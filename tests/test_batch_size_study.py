@@ -21,7 +21,7 @@ from norm_plugins.study.cli import main
 from norm_plugins.study.normalizers import NORMALIZERS, SN_FAMILY, layer_cfgs
 from norm_plugins.study.report import SSN_COLUMNS, freezing_table
 from norm_plugins.study.report import metric_table, summarize
-from tools_helpers import REPO
+from tools_helpers import REPO, tool_env
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -35,7 +35,7 @@ def _read_csv(path):
 def test_tiny_study_end_to_end(tmp_path):
     out = tmp_path / 'study'
     result = subprocess.run([sys.executable, 'tools/study_batch_size.py', '--tiny', '--out', str(out)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+                            env=tool_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     runs = _read_csv(out / 'classification_runs.csv')

@@ -1,6 +1,5 @@
 """Deployment: folded WSConv, hard SN as the normalizer it selects, folded BCN; outputs unchanged."""
 import copy
-import os
 import subprocess
 import sys
 
@@ -14,8 +13,8 @@ from norm_plugins.analysis import recompute_batch_stats
 from norm_plugins.deploy import ChannelAffine, deploy_model
 from norm_plugins.deploy.inference import max_difference, network_outputs
 from norm_plugins.layers import BatchChannelNorm, SwitchableNorm, SyncSwitchableNorm, WSConv2d
+from tools_helpers import REPO, tool_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHOICES = {'in': 0, 'ln': 1, 'bn': 2}
 
 
@@ -157,7 +156,7 @@ def test_deploy_tool_on_the_demo_mask_rcnn(tmp_path):
     from mmdet.structures import DetDataSample
 
     from norm_plugins.analysis.model_io import build_model
-    config = os.path.join(REPO, 'configs/demo/mask-rcnn_r18-sn_fpn_1xb8-600i_shapes-128.py')
+    config = str(REPO / 'configs' / 'demo' / 'mask-rcnn_r18-sn_fpn_1xb8-600i_shapes-128.py')
     model = build_model(config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -171,7 +170,7 @@ def test_deploy_tool_on_the_demo_mask_rcnn(tmp_path):
     out = tmp_path / 'deployed.pth'
     result = subprocess.run([sys.executable, 'tools/deploy.py', config, str(checkpoint), '--harden', '--input-size',
                              '64', '64', '--benchmark', '1', '--out', str(out), '--onnx', str(tmp_path / 'feat.onnx')],
-                            cwd=REPO, capture_output=True, text=True)
+                            cwd=REPO, env=tool_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'when converted in float64' in result.stdout and 'speedup' in result.stdout
     exact = float(result.stdout.split('difference on a 64x64 input: ')[1].split(' ')[0])
@@ -203,7 +202,7 @@ def test_deploy_tool_on_the_demo_mask_rcnn(tmp_path):
     for e, a in zip(expected, actual):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * max(1.0, float(e.abs().max())))
     soft = subprocess.run([sys.executable, 'tools/deploy.py', config, str(checkpoint), '--tolerance', '-1'],
-                          cwd=REPO, capture_output=True, text=True)
+                          cwd=REPO, env=tool_env(), capture_output=True, text=True)
     assert soft.returncode == 2 and 'nothing saved' in soft.stderr
 
 

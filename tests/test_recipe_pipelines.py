@@ -30,7 +30,7 @@ from mmengine.runner import Runner
 
 import norm_plugins  # noqa: F401
 from recipe_datasets import make_ade20k, make_cityscapes, make_coco
-from tools_helpers import REPO, run_tool
+from tools_helpers import REPO, run_tool, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -208,9 +208,11 @@ def test_train_validate_and_test(recipe, data_roots, tmp_path):
     cfg = load_recipe(recipe)
     options = recipe_options(cfg, data_roots, classifier_checkpoint(cfg, tmp_path) if is_detector(cfg) else None)
     work_dir, config = tmp_path / 'train', str(CONFIG_DIR / recipe)
+    # The flagship trains and tests through the fused CPU loops, as a user's run does.
+    env = tool_env(cpu_fusion=recipe == TRAIN_TEST['mask-rcnn-coco'])
     # cwd: the Cityscapes metric writes its files under ./work_dirs.
     trained = run_tool([str(REPO / 'tools' / 'train.py'), config, '--work-dir', str(work_dir)]
-                       + _options_args(options), cwd=tmp_path)
+                       + _options_args(options), cwd=tmp_path, env=env)
 
     records = _scalars(work_dir)
     expected = expected_metrics(cfg)
@@ -229,7 +231,7 @@ def test_train_validate_and_test(recipe, data_roots, tmp_path):
     checkpoint = Path((work_dir / 'last_checkpoint').read_text().strip())
     summary = tmp_path / 'test_metrics.json'
     run_tool([str(REPO / 'tools' / 'test.py'), config, str(checkpoint), '--work-dir', str(tmp_path / 'test'),
-              '--metrics-json', str(summary)] + _options_args(options), cwd=tmp_path)
+              '--metrics-json', str(summary)] + _options_args(options), cwd=tmp_path, env=env)
     tested = json.loads(summary.read_text())['metrics']
     check_metrics(tested, expected, f'{recipe} test.py')
     # The checkpoint holds the statistics the validation ran with (batch averages where the recipe

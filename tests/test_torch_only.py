@@ -15,10 +15,13 @@ from tools_helpers import REPO, tool_env
 
 HIDDEN = ('mmengine', 'mmcv', 'mmdet', 'mmseg')
 BOOTSTRAP = str(REPO / 'tests' / 'without_openmmlab.py')
-# A quick cross-section of the layer suite: the four row-wise passes and WSConv in full, SN and BCN
-# against their float64 references, and the Triton kernels in the interpreter on a couple of shapes.
+# A quick cross-section of the layer suite: the four row-wise passes on both CPU routes (not the slow
+# sweep of compiled shapes, which the main suite runs) and WSConv in full, SN and BCN against their
+# float64 references, and the Triton kernels in the interpreter on a couple of shapes.
 CORE_TESTS = [
-    'tests/test_rowwise.py',
+    'tests/test_rowwise.py::test_passes_match_float64_formulas',
+    'tests/test_rowwise.py::test_large_offsets_keep_float32_precision',
+    'tests/test_rowwise.py::test_a_pass_that_cannot_compile_takes_the_aten_route',
     'tests/test_weight_standardization.py',
     'tests/test_switchable_norm.py::test_forward_matches_reference_train_and_eval',
     'tests/test_switchable_norm.py::test_gradients_match_autograd_of_reference',
@@ -78,7 +81,7 @@ print(json.dumps(dict(
 def run_hidden(*args, timeout=120):
     """``python tests/without_openmmlab.py ARGS`` from the repository, with the interpreter kernels on
     for CPU tensors; fails the test with the child's output unless it exits 0."""
-    env = dict(tool_env(), TRITON_INTERPRET='1')
+    env = dict(tool_env(cpu_fusion=True), TRITON_INTERPRET='1')
     result = subprocess.run([sys.executable, BOOTSTRAP, *args], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=timeout)
     what = 'the probe' if args[0] == '-c' else ' '.join(args[:3])

@@ -40,8 +40,14 @@ def tiny_options(config: Path, data_root: Path, max_iters: int = 4, checkpoint_i
     return options
 
 
-def tool_env(extra_pythonpath: Optional[Path] = None) -> Dict[str, str]:
+def tool_env(extra_pythonpath: Optional[Path] = None, cpu_fusion: bool = False) -> Dict[str, str]:
+    """The environment of a tool's child process. Without ``cpu_fusion`` it takes the ATen-op CPU route:
+    inductor's compile of the fused loops costs 20-30 s in each new process, more than the few
+    iterations these runs make. The fused loops are tested in process (test_rowwise, test_compile and
+    every config's train step in test_configs) and in one recipe's full training run."""
     env = dict(os.environ, PYTHON=sys.executable, PYTHONHASHSEED='0')
+    if not cpu_fusion:
+        env['NORM_PLUGINS_CPU_FUSION'] = 'off'
     paths = [str(REPO)] + ([str(extra_pythonpath)] if extra_pythonpath else [])
     env['PYTHONPATH'] = os.pathsep.join(paths + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
     return env

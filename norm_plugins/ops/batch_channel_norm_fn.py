@@ -46,11 +46,9 @@ from .backend import use_triton
 from .distributed import all_reduce_sum_
 from .first_order import first_order_only
 from .moments import batch_sums, moments_from_sums, update_running_stats
-from .rowwise import as_rows, row_grad_sums, row_moments, row_normalize, row_normalize_backward, shaped_like
+from .rowwise import (COEFFICIENT_DTYPE, as_rows, row_grad_sums, row_grad_sums_about, row_moments, row_normalize,
+                      row_normalize_backward, shaped_like)
 
-# The (N, C) coefficient math runs in float64: it costs nothing next to the passes over x, and keeps
-# ``m - mean_c`` exact where |mean| / std is large (the batch mean itself comes from float64 sums).
-COEFFICIENT_DTYPE = torch.float64
 # How the per-channel statistics are obtained: this batch's (large batch, training), the given
 # constants (running statistics, or the estimates without updating them), or Algorithm 1's update
 # of the estimates followed by normalization with them (micro batch, training).
@@ -170,8 +168,7 @@ def _torch_backward(ctx, x3, g3, spec):
     n, c = m.shape
     groups = spec.groups
     spatial = x3.shape[2]
-    s1, s2 = (t.to(COEFFICIENT_DTYPE) for t in row_grad_sums(g3, x3, centre))
-    s2 = s2 + (centre - m) * s1  # sum g (x - m) from the pass's sum g (x - centre)
+    s1, s2 = row_grad_sums_about(g3, x3, centre, m)
 
     per_group = c // groups
     group_count = spatial * per_group

@@ -30,6 +30,9 @@ from .backend import use_triton
 # (mu_in - mu_ln, m - mean_c), which a float32 mean of values near 1e4 would already have rounded
 # by 5e-4 of a unit standard deviation.
 MEAN_DTYPE = torch.float64
+# SN's and BCN's (N, C) coefficient math runs in float64 too: it costs nothing next to the passes
+# over x, and keeps those differences exact where |mean| / std is large.
+COEFFICIENT_DTYPE = torch.float64
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -129,6 +132,14 @@ def row_grad_sums(grad: Tensor, x: Tensor, centre: Tensor) -> Tuple[Tensor, Tens
         sums.append((sum_g, sum_gc))
     sum_g, sum_gc = (torch.cat(t).view(centre.shape) for t in zip(*sums))
     return sum_g, sum_gc
+
+
+def row_grad_sums_about(grad: Tensor, x: Tensor, centre: Tensor, mean: Tensor) -> Tuple[Tensor, Tensor]:
+    """``sum_l g`` and ``sum_l g * (x - mean)`` per row in :data:`COEFFICIENT_DTYPE`, from the pass
+    centred on ``centre`` (``mean`` rounded to x's accumulation dtype):
+    ``sum g (x - mean) = sum g (x - centre) + (centre - mean) sum g``."""
+    sum_g, sum_gc = (t.to(COEFFICIENT_DTYPE) for t in row_grad_sums(grad, x, centre))
+    return sum_g, sum_gc + (centre - mean) * sum_g
 
 
 def row_normalize_backward(grad: Tensor, x: Tensor, centre: Tensor, a: Tensor, p: Tensor,

@@ -42,13 +42,8 @@ from .backend import use_triton
 from .distributed import all_reduce_sum_
 from .first_order import first_order_only
 from .moments import batch_sums, moments_from_sums, update_running_stats
-from .rowwise import (accumulation_dtype, row_grad_sums, row_moments, row_normalize,
-                      row_normalize_backward)
-
-# The (N, C) coefficient math runs in float64: it costs nothing next to the passes over x, and takes
-# differences of means (mu_in - mu_ln, M - mu_in) that float32 would round where |mean| / std is
-# large.
-COEFFICIENT_DTYPE = torch.float64
+from .rowwise import (COEFFICIENT_DTYPE, accumulation_dtype, row_grad_sums, row_grad_sums_about, row_moments,
+                      row_normalize, row_normalize_backward)
 
 NORMALIZERS = ('in', 'ln', 'bn')
 
@@ -149,9 +144,7 @@ class SwitchableNormFunction(torch.autograd.Function):
         stats = {'in': (mu_in, var_in), 'ln': (mu_ln, var_ln), 'bn': (mu_bn, var_bn)}
         c = x.shape[1]
         with torch.autocast(x.device.type, enabled=False):
-            sum_g, sum_gc = (t.to(COEFFICIENT_DTYPE) for t in row_grad_sums(grad, x, centre))
-            # sum g (x - M) from the pass's sum g (x - centre).
-            sum_gc = sum_gc + (centre - mean) * sum_g
+            sum_g, sum_gc = row_grad_sums_about(grad, x, centre, mean)
             a = rstd if weight is None else rstd * weight.to(rstd.dtype)
             d_mean = -a * sum_g
             d_var = -0.5 * a * rstd.square() * sum_gc

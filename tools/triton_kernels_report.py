@@ -81,7 +81,7 @@ def coefficient_launches():
                                                              weight, bias, gw, groups, 1e-5, spatial)
         _, _, _, _, f = triton_norms.bcn_channel_grads(e1, e2, grp, means, centre, moments, weight, sums, p, q,
                                                        groups, 1e-5, True, True)
-        triton_norms.bcn_batch_terms(f, means, centre, moments, weight, sums, p, q, 1e-5)
+        triton_norms.bcn_batch_terms(f, centre, moments, weight, sums, p, q, 1e-5)
     return launches
 
 

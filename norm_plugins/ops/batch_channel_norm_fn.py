@@ -213,7 +213,7 @@ def _triton_backward(ctx, x3, g3, weight, bias, group_weight, spec):
     if ctx.needs_input_grad[0]:
         if sync:
             all_reduce_sum_(f, spec.group)
-            triton_norms.bcn_batch_terms(f, m, centre, stats, weight, sums, p, q, spec.eps)
+            triton_norms.bcn_batch_terms(f, centre, stats, weight, sums, p, q, spec.eps)
         dx = row_normalize_backward(g3, x3, centre, a, p, q)
     return dx, (d_weight, d_bias, d_group_weight, d_group_bias)
 

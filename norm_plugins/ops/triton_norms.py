@@ -276,15 +276,15 @@ def bcn_channel_grads(e1: Tensor, e2: Tensor, grp: Tensor, m: Tensor, centre: Te
     return d_weight, d_bias, d_group_weight, d_group_bias, f
 
 
-def _fake_bcn_batch_terms(f, m, centre, stats, weight, sums, p, q, eps):
+def _fake_bcn_batch_terms(f, centre, stats, weight, sums, p, q, eps):
     return None
 
 
 @_op('bcn_batch_terms', mutates_args=('p', 'q'), fake=_fake_bcn_batch_terms)
-def bcn_batch_terms(f: Tensor, m: Tensor, centre: Tensor, stats: Tensor, weight: Optional[Tensor], sums: Tensor,
-                    p: Tensor, q: Tensor, eps: float) -> None:
+def bcn_batch_terms(f: Tensor, centre: Tensor, stats: Tensor, weight: Optional[Tensor], sums: Tensor, p: Tensor,
+                    q: Tensor, eps: float) -> None:
     """Synchronized BCN: P and Q get the batch terms of the all-reduced F1, F2, in place."""
-    n, c = m.shape
+    n, c = centre.shape
     block = _tile(c, CHANNEL_TILE)
-    launch(kernels.bcn_batch_terms_kernel, (triton.cdiv(c, block),), m.device, f, centre, stats, _or(weight, m),
-           sums, p, q, n, c, eps, AFFINE=weight is not None, BLOCK_C=block)
+    launch(kernels.bcn_batch_terms_kernel, (triton.cdiv(c, block),), centre.device, f, centre, stats,
+           _or(weight, centre), sums, p, q, n, c, eps, AFFINE=weight is not None, BLOCK_C=block)
